@@ -1,0 +1,918 @@
+# Copyright 2026 The LongVQ Authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch LongVQ: MEGA-style blocks with vector-quantized, linear-time exact softmax attention.
+
+Reads top to bottom: small modules (norms, EMA, positional bias, quantizer, VQ-attention) -> the block ->
+`LongVQPreTrainedModel` -> `LongVQModel` -> heads. This file is copied into Hub checkpoints as remote code, so it
+imports only the standard library, torch, transformers and `.configuration_longvq`.
+
+Shapes: B batch, T length, D hidden_size, H intermediate_size (value width), Z shared_representation_size,
+N ema_projection_size, S codebook_size, C chunk_size.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.utils import logging
+
+from .configuration_longvq import LongVQConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LongVQScaleNorm(nn.Module):
+    """ScaleNorm (Nguyen & Salazar, 2019): `g * x / rms(x)` with a single learned scalar `g`."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
+
+
+class LongVQSequenceNorm(nn.Module):
+    """The normalisation chosen by `config.normalization_type`, applied to `(B, T, D)` sequences.
+
+    BatchNorm takes its statistics from non-padded tokens only, so padding never shifts them.
+    """
+
+    def __init__(self, config: LongVQConfig, affine: bool = True):
+        super().__init__()
+        dim, eps, kind = config.hidden_size, config.norm_eps, config.normalization_type
+        self.is_batch_norm = kind == "batchnorm"
+        if kind == "layernorm":
+            self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+        elif kind == "rmsnorm":
+            self.norm = nn.RMSNorm(dim, eps=eps, elementwise_affine=affine)
+        elif kind == "scalenorm":
+            self.norm = LongVQScaleNorm(eps)
+        else:
+            self.norm = nn.BatchNorm1d(dim, eps=eps, affine=affine)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D); mask: (B, T) bool, True on real tokens."""
+        if not self.is_batch_norm:
+            return self.norm(x)
+        if mask is None:
+            return self.norm(x.reshape(-1, x.shape[-1])).view_as(x)
+        out = torch.zeros_like(x)
+        out[mask] = self.norm(x[mask])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-dimensional damped EMA (MEGA)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fft_causal_convolution(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """y[..., t] = sum_{s <= t} kernel[..., t - s] x[..., s], computed with a real FFT in float32.
+
+    x: (B, D, T); kernel: (D, K) with K <= T. Returns (B, D, T) float32.
+    """
+    length, kernel_length = x.shape[-1], kernel.shape[-1]
+    fft_size = length + kernel_length  # no wrap-around into the first `length` outputs
+    x_f = torch.fft.rfft(x.float(), n=fft_size)
+    k_f = torch.fft.rfft(kernel.float(), n=fft_size)
+    return torch.fft.irfft(x_f * k_f, n=fft_size)[..., :length]
+
+
+class LongVQMultiDimensionalEma(nn.Module):
+    r"""MEGA's multi-dimensional damped EMA with the gated residual `SiLU(EMA(x) + omega * x)`.
+
+    Per channel d and expansion n: `h_t = (p * beta) x_t + (1 - p * delta) h_{t-1}`, `y_t = sum_n eta h_t / sqrt(N)`,
+    with `p = sigmoid(damping_logit)`, `delta = sigmoid(decay_logit)`, so every mode decays (stable by construction).
+    For whole sequences this is the convolution with `K[t] = sum_n eta p beta q^t / sqrt(N)`, `q = 1 - p delta`, done
+    by FFT in float32.
+
+    Bidirectional: a second set of D channels runs over the reversed sequence, and its output is shifted by one
+    position (`y_t = fwd_t + bwd_{t+1}`), so the current token is counted once, by the forward direction.
+    """
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.bidirectional = config.bidirectional
+        self.truncation = config.truncation
+        channels = config.hidden_size * (2 if config.bidirectional else 1)
+        n = config.ema_projection_size
+        self.damping_logit = nn.Parameter(torch.empty(channels, n))
+        self.decay_logit = nn.Parameter(torch.empty(channels, n))
+        self.expansion = nn.Parameter(torch.empty(channels, n))
+        self.projection = nn.Parameter(torch.empty(channels, n))
+        self.residual_weight = nn.Parameter(torch.empty(config.hidden_size))
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input gain `p * beta` and decay `q = 1 - p * delta`, both (channels, N) float32."""
+        p = torch.sigmoid(self.damping_logit.float())
+        q = 1.0 - p * torch.sigmoid(self.decay_logit.float())
+        return p * self.expansion.float(), q
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """Convolution kernel (channels, length) float32."""
+        gain, q = self.coefficients()
+        steps = torch.arange(length, device=q.device, dtype=torch.float32)
+        powers = torch.exp(steps[None, None, :] * torch.log(q)[:, :, None])  # q^t, (channels, N, length)
+        weight = gain * self.projection.float() / math.sqrt(q.shape[-1])
+        return torch.einsum("cn,cnl->cl", weight, powers)
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw EMA. x: (B, T, D) with padded positions already zeroed. Returns (B, T, D) float32."""
+        length = x.shape[1]
+        kernel_length = length if self.truncation is None else min(self.truncation, length)
+        kernel = self.kernel(kernel_length)
+        x = x.transpose(1, 2)  # (B, D, T)
+        if not self.bidirectional:
+            return fft_causal_convolution(x, kernel).transpose(1, 2)
+        both = fft_causal_convolution(torch.cat([x, x.flip(-1)], dim=1), kernel)
+        forward, backward = both.split(self.hidden_size, dim=1)
+        backward = F.pad(backward.flip(-1)[..., 1:], (0, 1))  # bwd_{t+1}, zero after the last token
+        return (forward + backward).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, D); mask: (B, T) bool. Returns `SiLU(EMA(x) + omega * x)` (B, T, D)."""
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        ema = self.convolve(x).to(x.dtype)
+        return F.silu(ema + x * self.residual_weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Relative positional bias inside the attention window
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def window_offsets(chunk_size: int, bidirectional: bool, device=None) -> torch.Tensor:
+    """Offsets `i - j` between query slot i of block n and the window's key slots j (blocks n-1, n[, n+1]).
+
+    Returns (C, W) long with W = 2C (causal) or 3C (bidirectional).
+    """
+    width = (3 if bidirectional else 2) * chunk_size
+    queries = torch.arange(chunk_size, device=device)[:, None] + chunk_size
+    return queries - torch.arange(width, device=device)[None, :]
+
+
+class LongVQRelativePositionalBias(nn.Module):
+    """Base class: a learned bias for every offset that can occur inside the window, |i - j| < 2C.
+
+    Subclasses implement `table()`, the bias for offsets `-max_offset .. max_offset` (causal models only use the
+    non-negative half, but a shared layout keeps one lookup).
+    """
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__()
+        self.max_offset = 2 * config.chunk_size - 1
+
+    def forward(self, offsets: torch.Tensor) -> torch.Tensor:
+        """offsets: long tensor of any shape; out-of-window offsets are clamped (callers mask them)."""
+        index = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
+        return self.table()[index]
+
+
+class LongVQSimpleRelativePositionalBias(LongVQRelativePositionalBias):
+    """One learned scalar per offset (MEGA `simple`)."""
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__(config)
+        self.weight = nn.Parameter(torch.empty(2 * self.max_offset + 1))
+
+    def table(self) -> torch.Tensor:
+        return self.weight
+
+
+class LongVQRotaryRelativePositionalBias(LongVQRelativePositionalBias):
+    """MEGA's rotary bias: `b(i - j) = rot(a, i) . rot(b, j) = rot(a, i - j) . b` with learned a, b (Z,)."""
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__(config)
+        self.alpha = nn.Parameter(torch.empty(config.shared_representation_size))
+        self.beta = nn.Parameter(torch.empty(config.shared_representation_size))
+
+    def table(self) -> torch.Tensor:
+        half = self.alpha.shape[0] // 2
+        inv_freq = 10000.0 ** (-torch.arange(half, device=self.alpha.device, dtype=torch.float32) / half)
+        offsets = torch.arange(-self.max_offset, self.max_offset + 1, device=self.alpha.device, dtype=torch.float32)
+        angles = offsets[:, None] * inv_freq[None, :]
+        a1, a2 = self.alpha.float().split(half)
+        b1, b2 = self.beta.float().split(half)
+        table = angles.cos() @ (a1 * b1 + a2 * b2) + angles.sin() @ (a1 * b2 - a2 * b1)
+        return table.to(self.alpha.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vector quantizer with an EMA k-means codebook
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LongVQVectorQuantizer(nn.Module):
+    """Nearest-codeword quantizer whose codebook is learned by exponential-moving-average k-means (no gradient).
+
+    The codebook is stored as running sums and counts (Transformer-VQ): `codebook = codebook_sum / codebook_count`, so
+    an unused code keeps its vector while both decay. The buffers are persistent (saved with the weights).
+
+    The EMA update is *not* done here: `quantize` returns per-code statistics and `LongVQModel` applies them once per
+    training forward (see `LongVQModel._update_codebooks` for why).
+    """
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__()
+        self.decay = config.codebook_ema_decay
+        self.register_buffer("codebook_sum", torch.empty(config.codebook_size, config.shared_representation_size))
+        self.register_buffer("codebook_count", torch.empty(config.codebook_size))
+
+    def codebook(self) -> torch.Tensor:
+        """(S, Z) float32, a fresh tensor (later in-place EMA updates of the buffers never change it)."""
+        return self.codebook_sum.float() / self.codebook_count.float().clamp(min=1e-6)[:, None]
+
+    @staticmethod
+    def quantize(keys: torch.Tensor, codebook: torch.Tensor):
+        """keys: (B, T, Z); codebook: (S, Z) float32.
+
+        Returns codes (B, T) long, quantized keys (B, T, Z) (forward value = codeword, straight-through gradient to
+        the keys) and the squared quantization error (B, T) float32 with gradient to the keys only.
+        """
+        keys_f = keys.float()
+        distances = (
+            keys_f.pow(2).sum(-1, keepdim=True) - 2 * keys_f @ codebook.t() + codebook.pow(2).sum(-1)
+        )  # (B, T, S), float32 even under autocast
+        codes = distances.argmin(-1)
+        codewords = F.embedding(codes, codebook)
+        quantized = codewords.to(keys.dtype) + (keys - keys.detach())
+        squared_error = (keys_f - codewords).pow(2).sum(-1)
+        return codes, quantized, squared_error
+
+    @torch.no_grad()
+    def ema_update(self, counts: torch.Tensor, sums: torch.Tensor):
+        """counts: (S,), sums: (S, Z): this step's per-code token counts and key sums (real tokens only)."""
+        self.codebook_count.mul_(self.decay).add_(counts.to(self.codebook_count.dtype), alpha=1 - self.decay)
+        self.codebook_sum.mul_(self.decay).add_(sums.to(self.codebook_sum.dtype), alpha=1 - self.decay)
+
+
+def code_statistics(codes: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, codebook_size: int):
+    """Per-code count (S,) and key sum (S, Z) over real tokens, float32, no gradient."""
+    codes, keys = codes[mask], keys[mask].detach().float()
+    counts = torch.zeros(codebook_size, device=keys.device).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
+    sums = torch.zeros(codebook_size, keys.shape[-1], device=keys.device).index_add_(0, codes, keys)
+    return counts, sums
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block-wise VQ-attention (the fast path; its dense O(T^2) oracle lives in tests/)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _shift_blocks(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Block n of the result holds block n + shift of x (zeros where that is outside). x: (B, n, ...)."""
+    if shift == 0:
+        return x
+    zeros = torch.zeros_like(x[:, : abs(shift)])
+    if shift < 0:
+        return torch.cat([zeros, x[:, :shift]], dim=1)
+    return torch.cat([x[:, shift:], zeros], dim=1)
+
+
+def vq_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    key_mask: torch.Tensor,
+    position_bias: nn.Module,
+    chunk_size: int,
+    bidirectional: bool,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    r"""Exact softmax attention over vector-quantized keys in O(T (2C + S) (Z + H)).
+
+    Args:
+        query: (B, T, Z). key: (B, T, Z) quantized keys, equal to `codebook[codes]` in value.
+        value: (B, T, H). codes: (B, T) long. codebook: (S, Z). key_mask: (B, T) bool, True on real tokens.
+        position_bias: maps offsets `i - j` to a bias, added inside the window only.
+
+    The sequence is cut into blocks of C tokens, counted from index 0. A query in block n sees
+      - the window: keys of blocks n-1, n (causal, j <= i) or n-1, n, n+1 (bidirectional), with logit
+        `q.k_j / sqrt(Z) + bias(i - j)`;
+      - the memory: every other key, grouped by code: logit `q.C_s / sqrt(Z) + log N_s`, value `M_s` (mean of the
+        group's values), where the group is blocks <= n-2 (causal) or the whole sequence outside the window.
+    One softmax covers both, so this equals dense softmax attention over the quantized keys with the bias applied
+    inside the window. The memory reads the codebook (no gradient), so the straight-through gradient reaches a key
+    only from queries that see it in their window.
+
+    Returns (B, T, H); rows of padded queries are finite but meaningless.
+    """
+    batch, length, z_dim = query.shape
+    h_dim, s_dim = value.shape[-1], codebook.shape[0]
+    num_blocks = -(-length // chunk_size)
+    pad = num_blocks * chunk_size - length
+    if pad:
+        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+        codes, key_mask = F.pad(codes, (0, pad)), F.pad(key_mask, (0, pad), value=False)
+
+    def blocks(t):
+        return t.reshape(batch, num_blocks, chunk_size, *t.shape[2:])
+
+    q = blocks(query) * z_dim**-0.5
+    k, v, c, m = blocks(key), blocks(value), blocks(codes), blocks(key_mask)
+    v = v * m.unsqueeze(-1).to(v.dtype)  # padded values never reach the output, even with weight 0
+
+    neighbours = (-1, 0, 1) if bidirectional else (-1, 0)
+
+    def window(t):
+        return torch.cat([_shift_blocks(t, s) for s in neighbours], dim=2)
+
+    k_win, v_win, m_win = window(k), window(v), window(m)
+    offsets = window_offsets(chunk_size, bidirectional, device=query.device)  # (C, W)
+    window_logits = q @ k_win.transpose(-1, -2) + position_bias(offsets).to(q.dtype)  # (B, n, C, W)
+    window_allowed = m_win.unsqueeze(2)  # (B, n, 1, W)
+    if not bidirectional:
+        window_allowed = window_allowed & (offsets >= 0)
+
+    # Per-block, per-code token counts and value sums; memory = the blocks outside each block's window.
+    counts = torch.zeros(batch, num_blocks, s_dim, device=v.device, dtype=torch.float32)
+    counts = counts.scatter_add_(2, c, m.float())
+    sums = torch.zeros(batch, num_blocks, s_dim, h_dim, device=v.device, dtype=v.dtype)
+    sums = sums.scatter_add(2, c.unsqueeze(-1).expand(-1, -1, -1, h_dim), v)
+    if bidirectional:
+        memory_counts = counts.sum(1, keepdim=True) - window(counts.unsqueeze(2)).sum(2)
+        memory_sums = sums.sum(1, keepdim=True) - window(sums.unsqueeze(2)).sum(2)
+        memory_counts = memory_counts.round()  # exact integers despite the float subtraction
+    else:  # blocks <= n - 2: inclusive cumulative sum, delayed by two blocks
+        memory_counts = F.pad(counts.cumsum(1), (0, 0, 2, 0))[:, :num_blocks]
+        memory_sums = F.pad(sums.cumsum(1), (0, 0, 0, 0, 2, 0))[:, :num_blocks]
+    memory_means = memory_sums / memory_counts.clamp(min=1).unsqueeze(-1).to(v.dtype)  # (B, n, S, H)
+    memory_logits = q @ codebook.to(q.dtype).t() + memory_counts.log().unsqueeze(2).to(q.dtype)  # (B, n, C, S)
+
+    logits = torch.cat([window_logits, memory_logits], dim=-1).float()
+    allowed = torch.cat(
+        [window_allowed.expand(-1, num_blocks, chunk_size, -1), (memory_counts > 0).unsqueeze(2).expand(-1, -1, chunk_size, -1)],
+        dim=-1,
+    )
+    weights = torch.softmax(logits.masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1).to(v.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    width = k_win.shape[2]
+    out = weights[..., :width] @ v_win + weights[..., width:] @ memory_means
+    return out.reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LongVQ block
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LongVQLayerStatistics:
+    """What a layer reports besides its hidden states (all without gradient except `squared_error_sum`)."""
+
+    squared_error_sum: torch.Tensor  # () sum over real tokens of ||k - sg(C_code)||^2
+    code_counts: torch.Tensor  # (S,) tokens per code
+    code_key_sums: torch.Tensor  # (S, Z) sum of the keys assigned to each code
+
+
+class LongVQGatedAttention(nn.Module):
+    """EMA + gated single-head VQ-attention (MEGA's moving-average gated attention with VQ keys).
+
+    `x' = SiLU(EMA(x) + w x)`; `[u|z|r|h] = x' W_m`; `q, k = z-affines`; `k` normalised then quantized;
+    `o = VQAttention(q, k_hat, v)`; `y = x + sigmoid(u) * (SiLU(h + (o * SiLU(r)) W_h) - x)`.
+    """
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__()
+        self.config = config
+        d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size
+        self.split_sizes = (d, z, h, d)
+        self.norm = LongVQSequenceNorm(config)
+        self.value_proj = nn.Linear(d, h)
+        self.ema = LongVQMultiDimensionalEma(config)
+        self.mix_proj = nn.Linear(d, sum(self.split_sizes))
+        self.query_key_scale = nn.Parameter(torch.empty(2, z))
+        self.query_key_offset = nn.Parameter(torch.empty(2, z))
+        self.quantizer = LongVQVectorQuantizer(config)
+        bias_class = {
+            "simple": LongVQSimpleRelativePositionalBias,
+            "rotary": LongVQRotaryRelativePositionalBias,
+        }[config.relative_positional_bias]
+        self.position_bias = bias_class(config)
+        self.out_proj = nn.Linear(h, d)
+        self.dropout = nn.Dropout(config.dropout)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, codebook: torch.Tensor):
+        """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z). Returns (B, T, D) and layer statistics."""
+        residual = hidden_states
+        x = self.norm(hidden_states, mask) if self.config.normalize_before else hidden_states
+        value = self.hidden_dropout(F.silu(self.value_proj(x)))
+        mixed = self.dropout(self.ema(x, mask))
+        update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
+        shared = F.silu(shared)
+        query = shared * self.query_key_scale[0] + self.query_key_offset[0]
+        key = shared * self.query_key_scale[1] + self.query_key_offset[1]
+        # Keys live on the sphere of radius sqrt(Z), like the codewords; the query keeps its scale (the temperature).
+        key = F.rms_norm(key, (key.shape[-1],), eps=self.config.norm_eps)
+        codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
+        attention = vq_attention(
+            query, key_quantized, value, codes, codebook, mask, self.position_bias,
+            chunk_size=self.config.chunk_size, bidirectional=self.config.bidirectional,
+            dropout=self.config.attention_dropout, training=self.training,
+        )  # fmt: skip
+        gated = self.dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))))
+        out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
+        if not self.config.normalize_before:
+            out = self.norm(out, mask)
+        counts, sums = code_statistics(codes, key, mask, self.config.codebook_size)
+        statistics = LongVQLayerStatistics(squared_error[mask].sum(), counts, sums)
+        return out, statistics
+
+
+class LongVQNormalizedFeedForward(nn.Module):
+    """MEGA's normalized FFN: `y = x + W_2 SiLU(W_1 Norm(x))` (pre-norm) or `Norm(x + ...)` (post-norm)."""
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__()
+        self.normalize_before = config.normalize_before
+        width = config.ffn_hidden_size or config.intermediate_size
+        self.norm = LongVQSequenceNorm(config)
+        self.fc1 = nn.Linear(config.hidden_size, width)
+        self.fc2 = nn.Linear(width, config.hidden_size)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm(hidden_states, mask) if self.normalize_before else hidden_states
+        out = hidden_states + self.dropout(self.fc2(self.hidden_dropout(F.silu(self.fc1(x)))))
+        return out if self.normalize_before else self.norm(out, mask)
+
+
+class LongVQBlock(GradientCheckpointingLayer):
+    """One LongVQ layer: gated VQ-attention followed by the normalized FFN."""
+
+    def __init__(self, config: LongVQConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attention = LongVQGatedAttention(config)
+        self.feed_forward = LongVQNormalizedFeedForward(config)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, codebook: torch.Tensor):
+        """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,) and key sums
+        (S, Z) as a flat tuple of tensors (gradient checkpointing handles tensors only)."""
+        hidden_states, stats = self.attention(hidden_states, mask, codebook)
+        hidden_states = self.feed_forward(hidden_states, mask)
+        return hidden_states, stats.squared_error_sum, stats.code_counts, stats.code_key_sums
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LongVQModelOutput(BaseModelOutputWithPast):
+    r"""
+    commitment_loss (`torch.FloatTensor` of shape `()`):
+        Unweighted commitment loss `sum_layers mean_{real tokens} ||k - sg(C_code)||^2`.
+    codebook_usage (`torch.FloatTensor` of shape `(num_hidden_layers,)`):
+        Fraction of each layer's codes used by the real tokens of this batch.
+    codebook_perplexity (`torch.FloatTensor` of shape `(num_hidden_layers,)`):
+        `exp(entropy)` of each layer's code distribution over this batch (S when all codes are equally used).
+    """
+
+    commitment_loss: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+
+
+@dataclass
+class LongVQCausalLMOutput(CausalLMOutputWithPast):
+    r"""`CausalLMOutputWithPast` plus the VQ fields of `LongVQModelOutput`; `loss` includes the weighted commitment."""
+
+    commitment_loss: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+
+
+@dataclass
+class LongVQSequenceClassifierOutput(SequenceClassifierOutputWithPast):
+    r"""`SequenceClassifierOutputWithPast` plus the VQ fields of `LongVQModelOutput`."""
+
+    commitment_loss: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained model base
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LongVQPreTrainedModel(PreTrainedModel):
+    config_class = LongVQConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LongVQBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _is_stateful = True
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    model_tags = ["longvq"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, nn.Embedding):
+            # N(0, D^-1/2): unit-norm token vectors, which with tied embeddings also gives O(1) logits.
+            init.normal_(module.weight, mean=0.0, std=config.hidden_size**-0.5)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, LongVQScaleNorm):
+            init.ones_(module.scale)
+        elif isinstance(module, LongVQMultiDimensionalEma):
+            init.normal_(module.damping_logit, mean=0.0, std=0.2)
+            init.normal_(module.decay_logit, mean=0.0, std=0.2)
+            # beta ~ N(0, 0.02) around an alternating +1/-1 pattern (MEGA), so modes start with both signs.
+            signs = torch.ones(module.expansion.shape[-1])
+            signs[1::2] = -1.0
+            init.copy_(module.expansion, signs.expand_as(module.expansion) + 0.02 * torch.randn_like(module.expansion))
+            init.normal_(module.projection, mean=0.0, std=1.0)
+            init.normal_(module.residual_weight, mean=0.0, std=1.0)
+        elif isinstance(module, LongVQSimpleRelativePositionalBias):
+            init.zeros_(module.weight)
+        elif isinstance(module, LongVQRotaryRelativePositionalBias):
+            init.normal_(module.alpha, mean=0.0, std=config.initializer_range)
+            init.normal_(module.beta, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, LongVQVectorQuantizer):
+            # Codewords start at unit RMS per dimension, like the normalised keys.
+            init.normal_(module.codebook_sum, mean=0.0, std=1.0)
+            init.ones_(module.codebook_count)
+        elif isinstance(module, LongVQGatedAttention):
+            # q/k start as identity affines of SiLU(z) (a zero scale would give uniform attention for many steps).
+            init.normal_(module.query_key_scale, mean=1.0, std=config.initializer_range)
+            init.zeros_(module.query_key_offset)
+            # Gates start open: sigmoid(1) ~ 0.73 of the new value passes the update gate, SiLU(1) ~ 0.73 the reset.
+            d, z, h, _ = module.split_sizes
+            bias = torch.zeros_like(module.mix_proj.bias)
+            bias[:d] = 1.0
+            bias[d + z : d + z + h] = 1.0
+            init.copy_(module.mix_proj.bias, bias)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The decoding state is a LongVQ-specific recurrent state, never a key/value DynamicCache.
+        return False
+
+
+def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
+    """Raise a clear error for malformed public inputs; returns `inputs_embeds` with a feature axis if it lacked one."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"`input_ids` must be a torch.Tensor, got {type(input_ids).__name__}.")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+            raise ValueError(
+                f"`input_ids` must be in [0, vocab_size={config.vocab_size}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+            )
+        batch, length = input_ids.shape
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError("`inputs_embeds` must be a floating-point torch.Tensor.")
+        width = config.input_dim or config.hidden_size
+        if inputs_embeds.dim() == 2 and config.input_dim == 1:
+            inputs_embeds = inputs_embeds.unsqueeze(-1)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, length, {width}) "
+                f"({'input_dim' if config.input_dim else 'hidden_size'}), got {tuple(inputs_embeds.shape)}."
+            )
+        if not torch.isfinite(inputs_embeds).all():
+            raise ValueError("`inputs_embeds` contains NaN or infinite values.")
+        batch, length = inputs_embeds.shape[:2]
+    if batch == 0 or length == 0:
+        raise ValueError(f"Empty input: got batch size {batch} and length {length}.")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
+        if attention_mask.shape != (batch, length):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch, length) = {(batch, length)}, got {tuple(attention_mask.shape)}."
+            )
+        if attention_mask.is_complex() or not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("`attention_mask` must contain only 0 (padding) and 1 (real token).")
+    return inputs_embeds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Base model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LongVQModel(LongVQPreTrainedModel):
+    """The LongVQ stack: token embedding (or a linear encoder of continuous inputs) -> blocks -> final norm."""
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.input_projection = nn.Linear(config.input_dim, config.hidden_size) if config.input_dim else None
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(LongVQBlock(config, i) for i in range(config.num_hidden_layers))
+        # Pre-norm stacks end with a norm; post-norm blocks already end normalised.
+        self.norm = LongVQSequenceNorm(config) if config.normalize_before else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> LongVQModelOutput | tuple:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch, length)`): token ids in `[0, vocab_size)`.
+        attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*): 1 for real tokens, 0 for padding.
+            Padding may be anywhere; for causal models, blocks are counted from each row's first real token, so a
+            left-padded row computes exactly what it computes alone.
+        inputs_embeds (`torch.FloatTensor` of shape `(batch, length, hidden_size)`, or `(batch, length, input_dim)`
+            when `config.input_dim` is set): continuous inputs instead of token ids.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        inputs_embeds = _validate_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        if input_ids is not None:
+            hidden_states = self.embed_tokens(input_ids)
+        elif self.input_projection is not None:
+            hidden_states = self.input_projection(inputs_embeds)
+        else:
+            hidden_states = inputs_embeds
+        hidden_states = self.embed_dropout(hidden_states)
+        batch, length = hidden_states.shape[:2]
+        if attention_mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
+        else:
+            mask = attention_mask.to(device=hidden_states.device).bool()
+
+        # Move left padding out of the way: rotate each row so its first real token is at index 0. Blocks are then
+        # counted from the first real token, and left padding becomes trailing padding that no real token sees.
+        lead = (~mask).int().cumprod(-1).sum(-1)  # leading pads per row
+        aligned = bool(lead.any())
+        if aligned:
+            index = (torch.arange(length, device=mask.device) + lead[:, None]) % length
+            unindex = (torch.arange(length, device=mask.device) - lead[:, None]) % length
+            hidden_states, mask = _gather_rows(hidden_states, index), mask.gather(1, index)
+
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        squared_errors, counts, sums = [], [], []
+        for layer in self.layers:
+            # The codebook is read here, outside the (possibly checkpointed) layer: a recompute in backward sees the
+            # same codewords as the forward, although the EMA update below has been applied in between.
+            codebook = layer.attention.quantizer.codebook()
+            hidden_states, squared_error, code_counts, code_sums = layer(hidden_states, mask, codebook=codebook)
+            squared_errors.append(squared_error)
+            counts.append(code_counts)
+            sums.append(code_sums)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states, mask)
+            if output_hidden_states:
+                all_hidden_states[-1] = hidden_states
+
+        counts = torch.stack(counts)  # (L, S)
+        if self.training:
+            self._update_codebooks(counts, torch.stack(sums))
+        commitment_loss = torch.stack(squared_errors).sum() / mask.sum().clamp(min=1)
+        probabilities = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+        entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(-1)
+
+        if aligned:
+            hidden_states = _gather_rows(hidden_states, unindex)
+            if output_hidden_states:
+                all_hidden_states = [_gather_rows(h, unindex) for h in all_hidden_states]
+        output = LongVQModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            commitment_loss=commitment_loss,
+            codebook_usage=(counts > 0).float().mean(-1),
+            codebook_perplexity=entropy.exp(),
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def _update_codebooks(self, counts: torch.Tensor, sums: torch.Tensor):
+        """Apply one EMA k-means step to every layer's codebook. counts: (L, S); sums: (L, S, Z).
+
+        Design: layers only *report* per-code statistics; this method, called once at the end of each training
+        forward of `LongVQModel` (never inside a layer), applies them. Hence
+          - gradient checkpointing cannot update twice: the recompute in backward runs the layers, not this method,
+            and it reads the codebook tensor captured before the update, so its codes match the forward's;
+          - gradient accumulation gets one update per micro-batch forward, like any other forward;
+          - eval mode never updates;
+          - with torch.distributed initialised, the statistics are summed over all processes first, so every replica
+            applies the same update and the codebooks stay identical (a step counts the tokens of the global batch).
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([counts.unsqueeze(-1), sums], dim=-1)
+            dist.all_reduce(flat)
+            counts, sums = flat[..., 0], flat[..., 1:]
+        for layer, layer_counts, layer_sums in zip(self.layers, counts, sums):
+            layer.attention.quantizer.ema_update(layer_counts, layer_sums)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, D); index: (B, T). Returns x[b, index[b, t]]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _vq_output_fields(outputs: LongVQModelOutput) -> dict:
+    return {
+        "commitment_loss": outputs.commitment_loss,
+        "codebook_usage": outputs.codebook_usage,
+        "codebook_perplexity": outputs.codebook_perplexity,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongVQConfig):
+        if config.bidirectional:
+            raise ValueError(
+                "LongVQForCausalLM needs `bidirectional=False`: a bidirectional EMA and attention see future tokens."
+            )
+        if config.normalization_type == "batchnorm":
+            raise ValueError(
+                "LongVQForCausalLM cannot use normalization_type='batchnorm': batch statistics mix future tokens into "
+                "past positions during training. Use 'layernorm', 'rmsnorm' or 'scalenorm'."
+            )
+        super().__init__(config)
+        self.model = LongVQModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LongVQCausalLMOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, length)`, *optional*): next-token targets, unshifted (the loss
+            shifts them); -100 is ignored. The loss is the causal-LM cross-entropy plus
+            `vq_commitment_weight * commitment_loss`. With `num_items_in_batch` (Trainer under gradient accumulation)
+            both terms are normalised by it, so accumulated micro-batches add up to the full-batch loss.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only (0 = all),
+            or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            reference = input_ids if input_ids is not None else inputs_embeds
+            if reference is not None and labels.shape != reference.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have shape (batch, length) = {tuple(reference.shape[:2])}, got {tuple(labels.shape)}."
+                )
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            commitment = outputs.commitment_loss
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            if num_items_in_batch is not None:
+                real_tokens = attention_mask.sum() if attention_mask is not None else labels.numel()
+                commitment = commitment * real_tokens / num_items_in_batch
+            loss = loss + self.config.vq_commitment_weight * commitment
+        output = LongVQCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **_vq_output_fields(outputs)
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class LongVQForSequenceClassification(LongVQPreTrainedModel):
+    """LongVQ with a linear classifier (`score`) on the pooled hidden states: mean over real tokens or the last real
+    token (`config.classifier_pooling`). `problem_type` single-label / multi-label / regression as in transformers."""
+
+    def __init__(self, config: LongVQConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LongVQModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.dropout
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> LongVQSequenceClassifierOutput | tuple:
+        r"""
+        labels (`torch.Tensor`, *optional*): `(batch,)` class ids (single-label), `(batch, num_labels)` multi-hot
+            floats (multi-label) or `(batch,)` / `(batch, num_labels)` floats (regression).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        hidden_states = outputs.last_hidden_state
+        batch, length = hidden_states.shape[:2]
+        if attention_mask is None:
+            mask = torch.ones(batch, length, device=hidden_states.device)
+        else:
+            mask = attention_mask.to(hidden_states.device, hidden_states.dtype)
+        if self.config.classifier_pooling == "mean":
+            pooled = (hidden_states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        else:
+            last = (mask * torch.arange(length, device=mask.device)).argmax(-1)
+            pooled = hidden_states[torch.arange(batch, device=hidden_states.device), last]
+        logits = self.score(self.dropout(pooled))
+
+        loss = None
+        if labels is not None:
+            if labels.shape[0] != batch:
+                raise ValueError(f"`labels` must have batch size {batch}, got shape {tuple(labels.shape)}.")
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+            loss = loss + self.config.vq_commitment_weight * outputs.commitment_loss
+        output = LongVQSequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **_vq_output_fields(outputs)
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "LongVQPreTrainedModel",
+    "LongVQModel",
+    "LongVQForCausalLM",
+    "LongVQForSequenceClassification",
+]
