@@ -348,8 +348,9 @@ def vq_attention(
         window_allowed = window_allowed & (offsets >= 0)
 
     # Per-block, per-code token counts and value sums; memory = the blocks outside each block's window.
-    counts = torch.zeros(batch, num_blocks, s_dim, device=v.device, dtype=torch.float32)
-    counts = counts.scatter_add_(2, c, m.float())
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # counts and softmax statistics in >= float32
+    counts = torch.zeros(batch, num_blocks, s_dim, device=v.device, dtype=softmax_dtype)
+    counts = counts.scatter_add_(2, c, m.to(softmax_dtype))
     sums = torch.zeros(batch, num_blocks, s_dim, h_dim, device=v.device, dtype=v.dtype)
     sums = sums.scatter_add(2, c.unsqueeze(-1).expand(-1, -1, -1, h_dim), v)
     if bidirectional:
@@ -362,12 +363,12 @@ def vq_attention(
     memory_means = memory_sums / memory_counts.clamp(min=1).unsqueeze(-1).to(v.dtype)  # (B, n, S, H)
     memory_logits = q @ codebook.to(q.dtype).t() + memory_counts.log().unsqueeze(2).to(q.dtype)  # (B, n, C, S)
 
-    logits = torch.cat([window_logits, memory_logits], dim=-1).float()
+    logits = torch.cat([window_logits, memory_logits], dim=-1).to(softmax_dtype)
     allowed = torch.cat(
         [window_allowed.expand(-1, num_blocks, chunk_size, -1), (memory_counts > 0).unsqueeze(2).expand(-1, -1, chunk_size, -1)],
         dim=-1,
     )
-    weights = torch.softmax(logits.masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1).to(v.dtype)
+    weights = torch.softmax(logits.masked_fill(~allowed, torch.finfo(softmax_dtype).min), dim=-1).to(v.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
     width = k_win.shape[2]
     out = weights[..., :width] @ v_win + weights[..., width:] @ memory_means

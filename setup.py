@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="longvq",
+    version="0.1.0",
+    description="LongVQ: linear-time exact VQ-attention long-sequence models for Hugging Face Transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["longvq", "longvq.*"]),
+    package_data={"longvq": ["data/*.txt"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.23,<6",
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["longvq-demo=longvq.demo:main"]},
+)
