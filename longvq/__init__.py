@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .configuration_longvq import LongVQConfig
 from .modeling_longvq import (
+    LongVQCache,
     LongVQForCausalLM,
     LongVQForSequenceClassification,
     LongVQModel,
@@ -18,6 +19,7 @@ AutoModelForCausalLM.register(LongVQConfig, LongVQForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(LongVQConfig, LongVQForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "LongVQCache",
     "LongVQConfig",
     "LongVQPreTrainedModel",
     "LongVQModel",

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -126,33 +127,90 @@ class LongVQMultiDimensionalEma(nn.Module):
         q = 1.0 - p * torch.sigmoid(self.decay_logit.float())
         return p * self.expansion.float(), q
 
+    def readout(self) -> torch.Tensor:
+        """`eta / sqrt(N)` (channels, N) float32."""
+        return self.projection.float() / math.sqrt(self.projection.shape[-1])
+
     def kernel(self, length: int) -> torch.Tensor:
         """Convolution kernel (channels, length) float32."""
         gain, q = self.coefficients()
         steps = torch.arange(length, device=q.device, dtype=torch.float32)
-        powers = torch.exp(steps[None, None, :] * torch.log(q)[:, :, None])  # q^t, (channels, N, length)
-        weight = gain * self.projection.float() / math.sqrt(q.shape[-1])
-        return torch.einsum("cn,cnl->cl", weight, powers)
+        return torch.einsum("cn,cnl->cl", gain * self.readout(), _powers(q, steps))
 
-    def convolve(self, x: torch.Tensor) -> torch.Tensor:
-        """The raw EMA. x: (B, T, D) with padded positions already zeroed. Returns (B, T, D) float32."""
+    def convolve(self, x: torch.Tensor, initial_state: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw EMA. x: (B, T, D) with padded positions already zeroed; initial_state: (B, D, N) state before x
+        (causal only). Returns (B, T, D) float32."""
         length = x.shape[1]
         kernel_length = length if self.truncation is None else min(self.truncation, length)
         kernel = self.kernel(kernel_length)
         x = x.transpose(1, 2)  # (B, D, T)
         if not self.bidirectional:
-            return fft_causal_convolution(x, kernel).transpose(1, 2)
+            out = fft_causal_convolution(x, kernel)
+            if initial_state is not None:  # y_t += sum_n eta/sqrt(N) q^(t+1) h_init
+                _, q = self.coefficients()
+                weighted = initial_state * self.readout()
+                for segment in _segments(length):
+                    steps = torch.arange(segment.start + 1, segment.stop + 1, device=q.device, dtype=torch.float32)
+                    out[..., segment] += torch.einsum("bdn,dnt->bdt", weighted, _powers(q, steps))
+            return out.transpose(1, 2)
         both = fft_causal_convolution(torch.cat([x, x.flip(-1)], dim=1), kernel)
         forward, backward = both.split(self.hidden_size, dim=1)
         backward = F.pad(backward.flip(-1)[..., 1:], (0, 1))  # bwd_{t+1}, zero after the last token
         return (forward + backward).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, D); mask: (B, T) bool. Returns `SiLU(EMA(x) + omega * x)` (B, T, D)."""
-        if mask is not None:
-            x = x * mask.unsqueeze(-1).to(x.dtype)
-        ema = self.convolve(x).to(x.dtype)
-        return F.silu(ema + x * self.residual_weight)
+    def final_state(self, x: torch.Tensor, lengths: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+        """Recurrent state (B, D, N) float32 after the first `lengths[b]` steps of row b of x (B, T, D), pads zeroed:
+        `h = sum_t p beta q^(len-1-t) x_t + q^len h_init`, by segments so no (D, N, T) tensor is materialised."""
+        gain, q = self.coefficients()
+        length = x.shape[1]
+        # Right-align each row so that its last step is at T - 1 for every row.
+        index = (torch.arange(length, device=x.device)[None, :] - (length - lengths)[:, None]) % length
+        x = x.float().gather(1, index.unsqueeze(-1).expand_as(x))
+        state = torch.zeros(x.shape[0], *q.shape, device=x.device)
+        for segment in _segments(length):
+            steps = length - 1 - torch.arange(segment.start, segment.stop, device=q.device, dtype=torch.float32)
+            state += torch.einsum("btd,dnt->bdn", x[:, segment], _powers(q, steps))
+        state = state * gain
+        if initial_state is not None:
+            state = state + initial_state * _powers(q, lengths.float()).permute(2, 0, 1)
+        return state
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One recurrence step for decoding. x: (B, D); state: (B, D, N) float32. Returns y (B, D) float32 and the
+        new state."""
+        gain, q = self.coefficients()
+        state = gain * x.float().unsqueeze(-1) + q * state
+        return (state * self.readout()).sum(-1), state
+
+    def forward(self, x, mask, state=None, lengths=None, continuing=False) -> torch.Tensor:
+        """`SiLU(EMA(x) + omega * x)` (B, T, D) for x (B, T, D) with mask (B, T) bool.
+
+        With a decoding `state` (`LongVQLayerState`) the new EMA state is stored in it: one recurrence step for a
+        single token that `continuing`s a state, otherwise the convolution (plus the contribution of the state being
+        continued) and the state after each row's `lengths[b]` steps.
+        """
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+        if state is None:
+            ema = self.convolve(x)
+        elif continuing and x.shape[1] == 1:
+            ema, new_state = self.step(x[:, 0], state.ema)
+            state.ema = torch.where(mask[:, 0, None, None], new_state, state.ema)  # a padded step changes nothing
+            ema = ema.unsqueeze(1)
+        else:
+            initial = state.ema if continuing else None
+            ema = self.convolve(x, initial)
+            state.ema = self.final_state(x, lengths, initial)
+        return F.silu(ema.to(x.dtype) + x * self.residual_weight)
+
+
+def _powers(q: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """q^e for q (channels, N) and exponents (L,): (channels, N, L), as exp(e log q) in float32."""
+    return torch.exp(exponents.float()[None, None, :] * torch.log(q)[:, :, None])
+
+
+def _segments(length: int, size: int = 2048):
+    """Slices covering range(length) in pieces of `size`, bounding the (D, N, size) powers tensors."""
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,6 +359,7 @@ def vq_attention(
     bidirectional: bool,
     dropout: float = 0.0,
     training: bool = False,
+    initial_memory: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Exact softmax attention over vector-quantized keys in O(T (2C + S) (Z + H)).
 
@@ -308,6 +367,8 @@ def vq_attention(
         query: (B, T, Z). key: (B, T, Z) quantized keys, equal to `codebook[codes]` in value.
         value: (B, T, H). codes: (B, T) long. codebook: (S, Z). key_mask: (B, T) bool, True on real tokens.
         position_bias: maps offsets `i - j` to a bias, added inside the window only.
+        initial_memory: causal only, per-code counts (B, S) and value sums (B, S, H) of tokens before the sequence,
+            in every block's memory (decoding continues from a cache this way).
 
     The sequence is cut into blocks of C tokens, counted from index 0. A query in block n sees
       - the window: keys of blocks n-1, n (causal, j <= i) or n-1, n, n+1 (bidirectional), with logit
@@ -360,6 +421,9 @@ def vq_attention(
     else:  # blocks <= n - 2: inclusive cumulative sum, delayed by two blocks
         memory_counts = F.pad(counts.cumsum(1), (0, 0, 2, 0))[:, :num_blocks]
         memory_sums = F.pad(sums.cumsum(1), (0, 0, 0, 0, 2, 0))[:, :num_blocks]
+        if initial_memory is not None:
+            memory_counts = memory_counts + initial_memory[0].unsqueeze(1).to(memory_counts.dtype)
+            memory_sums = memory_sums + initial_memory[1].unsqueeze(1).to(memory_sums.dtype)
     memory_means = memory_sums / memory_counts.clamp(min=1).unsqueeze(-1).to(v.dtype)  # (B, n, S, H)
     memory_logits = q @ codebook.to(q.dtype).t() + memory_counts.log().unsqueeze(2).to(q.dtype)  # (B, n, C, S)
 
@@ -373,6 +437,269 @@ def vq_attention(
     width = k_win.shape[2]
     out = weights[..., :width] @ v_win + weights[..., width:] @ memory_means
     return out.reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
+
+
+def _code_value_sums(codes, values, mask, codebook_size):
+    """Per-row count (B, S) and value sum (B, S, H) of the real tokens. codes (B, L), values (B, L, H), mask (B, L)."""
+    weight = mask.to(values.dtype)
+    counts = torch.zeros(*codes.shape[:1], codebook_size, device=codes.device).scatter_add_(1, codes, weight.float())
+    sums = torch.zeros(*codes.shape[:1], codebook_size, values.shape[-1], device=values.device, dtype=values.dtype)
+    sums = sums.scatter_add(1, codes.unsqueeze(-1).expand_as(values), values * weight.unsqueeze(-1))
+    return counts, sums
+
+
+def _fold_into_memory(state, counts, sums):
+    """Add per-code counts (B, S) and value sums (B, S, H) to the state's memory (kept as means and counts)."""
+    total = state.memory_counts + counts
+    means = (state.memory_means * state.memory_counts.unsqueeze(-1) + sums) / total.clamp(min=1).unsqueeze(-1)
+    state.memory_means = means.to(state.memory_means.dtype)
+    state.memory_counts = total
+
+
+def vq_attention_with_state(query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths):
+    """Causal VQ-attention of T new tokens that continue a decoding state, block-parallel (prefill, chunked prefill).
+
+    The state's window (the previous and the current block, 2C slots) is placed in front of the new tokens so that
+    each row's new tokens land at their own block phase: row b's first new token has grid position `positions[b]`
+    and goes to index `positions[b] - (last_block - 1) C` of the extended sequence, where `last_block` is the block
+    of its last seen token. The extended sequence then runs through `vq_attention` with the state's memory as
+    initial memory, and the new window and memory are read off it. Updates `state` in place.
+
+    query/key (B, T, Z), value (B, T, H), codes (B, T), key_mask (B, T); positions, lengths (B,) long.
+    Returns (B, T, H).
+    """
+    batch, length = codes.shape
+    window = 2 * chunk_size
+    last_block = (positions + chunk_size - 1) // chunk_size - 1  # -1 before the first token
+    start = positions - (last_block - 1) * chunk_size  # in (C, 2C]
+    index = start[:, None] + torch.arange(length, device=codes.device)  # (B, T) into the extended sequence
+
+    def extend(old, new):  # one spare block at the end, so the new window can always be read as 2C slots
+        out = torch.zeros(batch, window + length + chunk_size, *new.shape[2:], device=new.device, dtype=new.dtype)
+        out[:, :window] = old.to(new.dtype)
+        scatter_index = index.view(batch, length, *([1] * (new.dim() - 2))).expand_as(new)
+        return out.scatter(1, scatter_index, new)
+
+    ext_codes = extend(state.window_codes, codes)
+    ext_mask = extend(state.window_mask, key_mask)
+    ext_values = extend(state.window_values, value)
+    ext_keys = extend(F.embedding(state.window_codes, codebook), key)
+    ext_query = extend(torch.zeros_like(query[:, :1]).expand(-1, window, -1), query)
+    memory = (state.memory_counts, state.memory_means * state.memory_counts.unsqueeze(-1).to(value.dtype))
+    used = slice(0, window + length)
+    out = vq_attention(
+        ext_query[:, used], ext_keys[:, used], ext_values[:, used], ext_codes[:, used], codebook, ext_mask[:, used],
+        position_bias, chunk_size, bidirectional=False, initial_memory=memory,
+    )  # fmt: skip
+    out = out.gather(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+
+    # New window: the blocks of each row's last token and the one before; everything earlier joins the memory.
+    last_index = start + lengths - 1  # = start - 1 (the last old token) when a row adds nothing
+    first_kept = (last_index // chunk_size - 1) * chunk_size
+    positions_ext = torch.arange(ext_codes.shape[1], device=codes.device)
+    to_memory = ext_mask & (positions_ext[None, :] < first_kept[:, None])
+    _fold_into_memory(state, *_code_value_sums(ext_codes, ext_values, to_memory, state.memory_counts.shape[-1]))
+    kept = first_kept[:, None] + torch.arange(window, device=codes.device)
+    state.window_codes = ext_codes.gather(1, kept)
+    state.window_mask = ext_mask.gather(1, kept)
+    state.window_values = ext_values.gather(1, kept.unsqueeze(-1).expand(-1, -1, ext_values.shape[-1]))
+    return out
+
+
+def vq_attention_step(query, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions):
+    """Causal VQ-attention for one new token per row against a decoding state, in O(2C + S) per token.
+
+    When a row's token starts a new block, the oldest block of its window is folded into the memory and the current
+    block becomes the previous one; then the token is written into the window and attends to window + memory.
+    query (B, 1, Z), value (B, 1, H), codes (B, 1), key_mask (B, 1); positions (B,). Updates `state`; returns
+    (B, 1, H).
+    """
+    slot = positions % chunk_size
+    real = key_mask[:, 0]
+    starts_block = real & (slot == 0)
+    if bool(starts_block.any()):
+        old_mask = state.window_mask[:, :chunk_size] & starts_block[:, None]
+        counts, sums = _code_value_sums(state.window_codes[:, :chunk_size], state.window_values[:, :chunk_size], old_mask, codebook.shape[0])
+        _fold_into_memory(state, counts, sums)
+        shift = starts_block[:, None]
+        state.window_codes = torch.where(shift, state.window_codes.roll(-chunk_size, 1), state.window_codes)
+        state.window_values = torch.where(shift[..., None], state.window_values.roll(-chunk_size, 1), state.window_values)
+        cleared = state.window_mask.roll(-chunk_size, 1)
+        cleared[:, chunk_size:] = False
+        state.window_mask = torch.where(shift, cleared, state.window_mask)
+    write = (chunk_size + slot)[:, None]  # (B, 1)
+    state.window_codes = state.window_codes.scatter(1, write, torch.where(real[:, None], codes, state.window_codes.gather(1, write)))
+    state.window_mask = state.window_mask.scatter(1, write, real[:, None] | state.window_mask.gather(1, write))
+    value_write = write.unsqueeze(-1).expand(-1, -1, value.shape[-1])
+    new_value = torch.where(real[:, None, None], value.to(state.window_values.dtype), state.window_values.gather(1, value_write))
+    state.window_values = state.window_values.scatter(1, value_write, new_value)
+
+    z_dim = query.shape[-1]
+    q = query[:, 0] * z_dim**-0.5  # (B, Z)
+    keys = F.embedding(state.window_codes, codebook).to(q.dtype)  # (B, 2C, Z)
+    offsets = chunk_size + slot[:, None] - torch.arange(2 * chunk_size, device=q.device)  # (B, 2C)
+    window_logits = (keys @ q.unsqueeze(-1)).squeeze(-1) + position_bias(offsets).to(q.dtype)
+    memory_logits = q @ codebook.to(q.dtype).t() + state.memory_counts.log().to(q.dtype)  # (B, S)
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.cat([window_logits, memory_logits], dim=-1).to(softmax_dtype)
+    allowed = torch.cat([state.window_mask, state.memory_counts > 0], dim=-1)
+    weights = torch.softmax(logits.masked_fill(~allowed, torch.finfo(softmax_dtype).min), dim=-1)
+    weights = weights.to(state.window_values.dtype)
+    window = state.window_values.shape[1]
+    out = (weights[:, None, :window] @ state.window_values) + (weights[:, None, window:] @ state.memory_means)
+    return out.to(value.dtype)
+
+
+class LongVQLayerState:
+    """One layer's decoding state; its size depends on the batch and the config only, never on tokens seen.
+
+    ema (B, D, N) float32; window_codes (B, 2C) long, window_values (B, 2C, H), window_mask (B, 2C) bool: the codes
+    (= quantized keys) and values of the previous block (slots [0, C)) and the current block (slots [C, 2C));
+    memory_counts (B, S) float32 and memory_means (B, S, H): per-code token counts and value means of all earlier
+    blocks.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+    fields = ("ema", "window_codes", "window_values", "window_mask", "memory_counts", "memory_means")
+
+    def __init__(self):
+        self.reset()
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.ema is not None
+
+    def initialize(self, config, batch_size: int, device, dtype):
+        window = 2 * config.chunk_size
+        self.ema = torch.zeros(batch_size, config.hidden_size, config.ema_projection_size, device=device)
+        self.window_codes = torch.zeros(batch_size, window, dtype=torch.long, device=device)
+        self.window_values = torch.zeros(batch_size, window, config.intermediate_size, device=device, dtype=dtype)
+        self.window_mask = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
+        self.memory_counts = torch.zeros(batch_size, config.codebook_size, device=device)
+        self.memory_means = torch.zeros(batch_size, config.codebook_size, config.intermediate_size, device=device, dtype=dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.fields if getattr(self, name) is not None]
+
+    def _map(self, fn):
+        for name in self.fields:
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def reset(self):
+        for name in self.fields:
+            setattr(self, name, None)
+
+    def crop(self, tokens_to_remove: int):
+        raise ValueError(_NO_ROLLBACK)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+
+_NO_ROLLBACK = (
+    "LongVQCache is a recurrent state: it cannot be cropped or rolled back, so assisted, prompt-lookup and "
+    "speculative decoding are not supported."
+)
+
+
+class LongVQCache(Cache):
+    """Constant-size decoding state of a causal LongVQ model, returned as `past_key_values`.
+
+    Holds one `LongVQLayerState` per layer plus, per row, the block-grid position of the next token (`positions`,
+    counted from the row's first real token, so left padding is invisible). `get_seq_length()` is the number of
+    input columns consumed (padding included), which is what `generate()` slices inputs by.
+
+    The state cannot roll back: `crop` raises, and strategies that need it (assisted / prompt-lookup decoding)
+    are refused by `generate()` because the model is stateful.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config=None, **kwargs):
+        if config is None:
+            raise TypeError("LongVQCache(config): pass the model's LongVQConfig.")
+        super().__init__(layers=[LongVQLayerState() for _ in range(config.num_hidden_layers)])
+        self.config = config
+        self.positions = None
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.positions is not None
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.positions is None else self.positions.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors (constant in the number of tokens seen)."""
+        tensors = [t for layer in self.layers for t in layer.tensors()]
+        if self.positions is not None:
+            tensors.append(self.positions)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def initialize(self, batch_size: int, device, dtype):
+        for layer in self.layers:
+            layer.initialize(self.config, batch_size, device, dtype)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def advance(self, lengths: torch.Tensor, columns: int):
+        """Record that row b moved `lengths[b]` block positions and the input had `columns` columns."""
+        self.positions = self.positions + lengths.to(self.positions.device)
+        self.seen_tokens += columns
+
+    def reset(self):
+        super().reset()
+        self.positions = None
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int):
+        raise ValueError(_NO_ROLLBACK)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices.to(self.positions.device)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,9 +723,10 @@ class LongVQGatedAttention(nn.Module):
     `o = VQAttention(q, k_hat, v)`; `y = x + sigmoid(u) * (SiLU(h + (o * SiLU(r)) W_h) - x)`.
     """
 
-    def __init__(self, config: LongVQConfig):
+    def __init__(self, config: LongVQConfig, layer_idx: int = 0):
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx
         d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size
         self.split_sizes = (d, z, h, d)
         self.norm = LongVQSequenceNorm(config)
@@ -417,12 +745,23 @@ class LongVQGatedAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, codebook: torch.Tensor):
-        """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z). Returns (B, T, D) and layer statistics."""
+    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None):
+        """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z).
+
+        With `past_key_values` (a `LongVQCache`) this layer continues its decoding state and updates it; `lengths`
+        (B,) are the block positions each row advances (up to its last real token). Returns (B, T, D) and the layer
+        statistics.
+        """
         residual = hidden_states
         x = self.norm(hidden_states, mask) if self.config.normalize_before else hidden_states
         value = self.hidden_dropout(F.silu(self.value_proj(x)))
-        mixed = self.dropout(self.ema(x, mask))
+        state, continuing = None, False
+        if past_key_values is not None:
+            state = past_key_values.layers[self.layer_idx]
+            continuing = past_key_values.seen_tokens > 0
+            if not state.is_initialized:  # created here, on this layer's device
+                state.initialize(self.config, x.shape[0], x.device, value.dtype)
+        mixed = self.dropout(self.ema(x, mask, state, lengths, continuing))
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
         query = shared * self.query_key_scale[0] + self.query_key_offset[0]
@@ -430,11 +769,23 @@ class LongVQGatedAttention(nn.Module):
         # Keys live on the sphere of radius sqrt(Z), like the codewords; the query keeps its scale (the temperature).
         key = F.rms_norm(key, (key.shape[-1],), eps=self.config.norm_eps)
         codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
-        attention = vq_attention(
-            query, key_quantized, value, codes, codebook, mask, self.position_bias,
-            chunk_size=self.config.chunk_size, bidirectional=self.config.bidirectional,
-            dropout=self.config.attention_dropout, training=self.training,
-        )  # fmt: skip
+        chunk_size = self.config.chunk_size
+        if state is None:
+            attention = vq_attention(
+                query, key_quantized, value, codes, codebook, mask, self.position_bias, chunk_size,
+                bidirectional=self.config.bidirectional, dropout=self.config.attention_dropout, training=self.training,
+            )  # fmt: skip
+        else:
+            positions = past_key_values.positions.to(x.device)
+            if continuing and x.shape[1] == 1:
+                attention = vq_attention_step(
+                    query, value, codes, codebook, mask, self.position_bias, chunk_size, state, positions
+                )
+            else:
+                attention = vq_attention_with_state(
+                    query, key_quantized, value, codes, codebook, mask, self.position_bias, chunk_size, state,
+                    positions, lengths.to(x.device),
+                )  # fmt: skip
         gated = self.dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))))
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
         if not self.config.normalize_before:
@@ -469,13 +820,13 @@ class LongVQBlock(GradientCheckpointingLayer):
     def __init__(self, config: LongVQConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention = LongVQGatedAttention(config)
+        self.attention = LongVQGatedAttention(config, layer_idx)
         self.feed_forward = LongVQNormalizedFeedForward(config)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, codebook: torch.Tensor):
+    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None):
         """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,) and key sums
         (S, Z) as a flat tuple of tensors (gradient checkpointing handles tensors only)."""
-        hidden_states, stats = self.attention(hidden_states, mask, codebook)
+        hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths)
         hidden_states = self.feed_forward(hidden_states, mask)
         return hidden_states, stats.squared_error_sum, stats.code_counts, stats.code_key_sums
 
@@ -646,7 +997,6 @@ class LongVQModel(LongVQPreTrainedModel):
         self.layers = nn.ModuleList(LongVQBlock(config, i) for i in range(config.num_hidden_layers))
         # Pre-norm stacks end with a norm; post-norm blocks already end normalised.
         self.norm = LongVQSequenceNorm(config) if config.normalize_before else None
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -660,22 +1010,34 @@ class LongVQModel(LongVQPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: LongVQCache | None = None,
+        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> LongVQModelOutput | tuple:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, length)`): token ids in `[0, vocab_size)`.
-        attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*): 1 for real tokens, 0 for padding.
-            Padding may be anywhere; for causal models, blocks are counted from each row's first real token, so a
-            left-padded row computes exactly what it computes alone.
+        attention_mask (`torch.Tensor` of shape `(batch, length)` or `(batch, past + length)`, *optional*): 1 for real
+            tokens, 0 for padding (with a cache, the mask may cover the whole history as `generate()` passes it).
+            For causal models, blocks are counted from each row's first real token, so a left-padded row computes
+            exactly what it computes alone.
         inputs_embeds (`torch.FloatTensor` of shape `(batch, length, hidden_size)`, or `(batch, length, input_dim)`
             when `config.input_dim` is set): continuous inputs instead of token ids.
+        past_key_values (`LongVQCache`, *optional*): decoding state to continue (causal models only); updated in
+            place and returned. An empty `Cache` of another type is replaced by a `LongVQCache`.
+        use_cache (`bool`, *optional*): return the decoding state; defaults to `config.use_cache` in eval mode.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past_key_values = self._prepare_cache(past_key_values, use_cache)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and past_length and attention_mask.dim() == 2:
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            if attention_mask.shape[1] == past_length + length:  # generate() passes the mask of the whole history
+                attention_mask = attention_mask[:, -length:]
         inputs_embeds = _validate_inputs(self.config, input_ids, inputs_embeds, attention_mask)
         if input_ids is not None:
             hidden_states = self.embed_tokens(input_ids)
@@ -698,6 +1060,13 @@ class LongVQModel(LongVQPreTrainedModel):
             index = (torch.arange(length, device=mask.device) + lead[:, None]) % length
             unindex = (torch.arange(length, device=mask.device) - lead[:, None]) % length
             hidden_states, mask = _gather_rows(hidden_states, index), mask.gather(1, index)
+        lengths = None
+        if past_key_values is not None:
+            if past_key_values.batch_size not in (-1, batch):
+                raise ValueError(f"The cache holds {past_key_values.batch_size} rows but the input has {batch}.")
+            if not past_key_values.is_initialized:
+                past_key_values.initialize(batch, hidden_states.device, hidden_states.dtype)
+            lengths = length - (~mask).flip(-1).int().cumprod(-1).sum(-1)  # up to each row's last real token
 
         all_hidden_states = [hidden_states] if output_hidden_states else None
         squared_errors, counts, sums = [], [], []
@@ -705,7 +1074,9 @@ class LongVQModel(LongVQPreTrainedModel):
             # The codebook is read here, outside the (possibly checkpointed) layer: a recompute in backward sees the
             # same codewords as the forward, although the EMA update below has been applied in between.
             codebook = layer.attention.quantizer.codebook()
-            hidden_states, squared_error, code_counts, code_sums = layer(hidden_states, mask, codebook=codebook)
+            hidden_states, squared_error, code_counts, code_sums = layer(
+                hidden_states, mask, codebook=codebook, past_key_values=past_key_values, lengths=lengths
+            )
             squared_errors.append(squared_error)
             counts.append(code_counts)
             sums.append(code_sums)
@@ -715,6 +1086,8 @@ class LongVQModel(LongVQPreTrainedModel):
             hidden_states = self.norm(hidden_states, mask)
             if output_hidden_states:
                 all_hidden_states[-1] = hidden_states
+        if past_key_values is not None:
+            past_key_values.advance(lengths, length)
 
         counts = torch.stack(counts)  # (L, S)
         if self.training:
@@ -729,12 +1102,38 @@ class LongVQModel(LongVQPreTrainedModel):
                 all_hidden_states = [_gather_rows(h, unindex) for h in all_hidden_states]
         output = LongVQModelOutput(
             last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             commitment_loss=commitment_loss,
             codebook_usage=(counts > 0).float().mean(-1),
             codebook_perplexity=entropy.exp(),
         )
         return output if return_dict else output.to_tuple()
+
+    def _prepare_cache(self, past_key_values, use_cache):
+        """The `LongVQCache` to continue (or a new one), or None when no state is wanted."""
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        use_cache = use_cache or past_key_values is not None
+        if not use_cache:
+            return None
+        if self.config.bidirectional:
+            if past_key_values is not None:
+                raise ValueError("A bidirectional LongVQ model has no decoding state: do not pass `past_key_values`.")
+            return None  # the default use_cache=True simply does not apply to encoders
+        if self.is_activation_checkpointing and self.training:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not returning a cache.")
+            return None
+        if past_key_values is None:
+            return LongVQCache(self.config)
+        if isinstance(past_key_values, Cache) and type(past_key_values).__name__ == "LongVQCache":
+            return past_key_values
+        if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
+            return LongVQCache(self.config)  # an empty foreign cache (e.g. DynamicCache()) carries nothing to keep
+        raise TypeError(
+            f"`past_key_values` must be a LongVQCache (got {type(past_key_values).__name__}); LongVQ's decoding "
+            "state is recurrent and cannot be built from key/value caches."
+        )
 
     @torch.no_grad()
     def _update_codebooks(self, counts: torch.Tensor, sums: torch.Tensor):
@@ -804,7 +1203,9 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: LongVQCache | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -826,8 +1227,8 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
                     f"`labels` must have shape (batch, length) = {tuple(reference.shape[:2])}, got {tuple(labels.shape)}."
                 )
         outputs = self.model(
-            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
         )  # fmt: skip
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -839,11 +1240,12 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
             commitment = outputs.commitment_loss
             num_items_in_batch = kwargs.get("num_items_in_batch")
             if num_items_in_batch is not None:
-                real_tokens = attention_mask.sum() if attention_mask is not None else labels.numel()
+                real_tokens = attention_mask[:, -labels.shape[1] :].sum() if attention_mask is not None else labels.numel()
                 commitment = commitment * real_tokens / num_items_in_batch
             loss = loss + self.config.vq_commitment_weight * commitment
         output = LongVQCausalLMOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **_vq_output_fields(outputs)
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            **_vq_output_fields(outputs),
         )
         return output if return_dict else output.to_tuple()
 
@@ -912,6 +1314,7 @@ class LongVQForSequenceClassification(LongVQPreTrainedModel):
 
 
 __all__ = [
+    "LongVQCache",
     "LongVQPreTrainedModel",
     "LongVQModel",
     "LongVQForCausalLM",
