@@ -1198,6 +1198,19 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() builds no cache for a model without DynamicCache support; hand it an empty LongVQCache up front
+        # so that features needing a cache before the first forward (chunked prefill) work as for attention models.
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation is not None:
+                logger.warning_once(
+                    f"LongVQ always decodes with its constant-size LongVQCache; cache_implementation="
+                    f"{generation_config.cache_implementation!r} is ignored."
+                )
+            model_kwargs["past_key_values"] = LongVQCache(self.config)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
