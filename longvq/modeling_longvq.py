@@ -32,6 +32,23 @@ from .configuration_longvq import LongVQConfig
 logger = logging.get_logger(__name__)
 
 
+def _derived(owner: nn.Module, name: str, compute, *sources: torch.Tensor):
+    """A constant derived from parameters/buffers `sources`, memoised on `owner` while they are unchanged (same
+    tensor, storage and in-place version counter) and no gradient must flow through it; recomputed otherwise.
+
+    Decoding runs the model once per token, and re-deriving EMA coefficients, codebooks and bias tables at every
+    step would be a large share of its cost. Keying on the version counter keeps the memo correct across optimizer
+    steps, EMA codebook updates and `load_state_dict`.
+    """
+    if torch.is_grad_enabled() and any(source.requires_grad for source in sources):
+        return compute()
+    key = (torch.is_inference_mode_enabled(), *((id(t), t.data_ptr(), t._version) for t in sources))
+    memo = owner.__dict__.setdefault("_derived_memo", {})
+    if name not in memo or memo[name][0] != key:
+        memo[name] = (key, compute())
+    return memo[name][1]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,13 +140,17 @@ class LongVQMultiDimensionalEma(nn.Module):
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Input gain `p * beta` and decay `q = 1 - p * delta`, both (channels, N) float32."""
-        p = torch.sigmoid(self.damping_logit.float())
-        q = 1.0 - p * torch.sigmoid(self.decay_logit.float())
-        return p * self.expansion.float(), q
+
+        def compute():
+            p = torch.sigmoid(self.damping_logit.float())
+            return p * self.expansion.float(), 1.0 - p * torch.sigmoid(self.decay_logit.float())
+
+        return _derived(self, "coefficients", compute, self.damping_logit, self.decay_logit, self.expansion)
 
     def readout(self) -> torch.Tensor:
         """`eta / sqrt(N)` (channels, N) float32."""
-        return self.projection.float() / math.sqrt(self.projection.shape[-1])
+        compute = lambda: self.projection.float() / math.sqrt(self.projection.shape[-1])  # noqa: E731
+        return _derived(self, "readout", compute, self.projection)
 
     def kernel(self, length: int) -> torch.Tensor:
         """Convolution kernel (channels, length) float32."""
@@ -179,8 +200,8 @@ class LongVQMultiDimensionalEma(nn.Module):
         """One recurrence step for decoding. x: (B, D); state: (B, D, N) float32. Returns y (B, D) float32 and the
         new state."""
         gain, q = self.coefficients()
-        state = gain * x.float().unsqueeze(-1) + q * state
-        return (state * self.readout()).sum(-1), state
+        state = torch.addcmul(gain * x.float().unsqueeze(-1), q, state)
+        return torch.linalg.vecdot(state, self.readout()), state
 
     def forward(self, x, mask, state=None, lengths=None, continuing=False) -> torch.Tensor:
         """`SiLU(EMA(x) + omega * x)` (B, T, D) for x (B, T, D) with mask (B, T) bool.
@@ -242,7 +263,7 @@ class LongVQRelativePositionalBias(nn.Module):
     def forward(self, offsets: torch.Tensor) -> torch.Tensor:
         """offsets: long tensor of any shape; out-of-window offsets are clamped (callers mask them)."""
         index = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
-        return self.table()[index]
+        return _derived(self, "table", self.table, *self.parameters())[index]
 
 
 class LongVQSimpleRelativePositionalBias(LongVQRelativePositionalBias):
@@ -297,8 +318,9 @@ class LongVQVectorQuantizer(nn.Module):
         self.register_buffer("codebook_count", torch.empty(config.codebook_size))
 
     def codebook(self) -> torch.Tensor:
-        """(S, Z) float32, a fresh tensor (later in-place EMA updates of the buffers never change it)."""
-        return self.codebook_sum.float() / self.codebook_count.float().clamp(min=1e-6)[:, None]
+        """(S, Z) float32; never modified in place (an EMA update of the buffers yields a new tensor next time)."""
+        compute = lambda: self.codebook_sum.float() / self.codebook_count.float().clamp(min=1e-6)[:, None]  # noqa: E731
+        return _derived(self, "codebook", compute, self.codebook_sum, self.codebook_count)
 
     @staticmethod
     def quantize(keys: torch.Tensor, codebook: torch.Tensor):
@@ -308,10 +330,9 @@ class LongVQVectorQuantizer(nn.Module):
         the keys) and the squared quantization error (B, T) float32 with gradient to the keys only.
         """
         keys_f = keys.float()
-        distances = (
-            keys_f.pow(2).sum(-1, keepdim=True) - 2 * keys_f @ codebook.t() + codebook.pow(2).sum(-1)
-        )  # (B, T, S), float32 even under autocast
-        codes = distances.argmin(-1)
+        # ||k - C_s||^2 up to ||k||^2, which does not change the argmin; float32 even under autocast.
+        distances = torch.addmm(codebook.pow(2).sum(-1), keys_f.flatten(0, -2), codebook.t(), alpha=-2)
+        codes = distances.argmin(-1).view(keys.shape[:-1])
         codewords = F.embedding(codes, codebook)
         quantized = codewords.to(keys.dtype) + (keys - keys.detach())
         squared_error = (keys_f - codewords).pow(2).sum(-1)
@@ -324,12 +345,14 @@ class LongVQVectorQuantizer(nn.Module):
         self.codebook_sum.mul_(self.decay).add_(sums.to(self.codebook_sum.dtype), alpha=1 - self.decay)
 
 
-def code_statistics(codes: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, codebook_size: int):
-    """Per-code count (S,) and key sum (S, Z) over real tokens, float32, no gradient."""
-    codes, keys = codes[mask], keys[mask].detach().float()
-    counts = torch.zeros(codebook_size, device=keys.device).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
-    sums = torch.zeros(codebook_size, keys.shape[-1], device=keys.device).index_add_(0, codes, keys)
-    return counts, sums
+def code_statistics(codes: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, codebook_size: int, with_sums: bool):
+    """Per-code count (S,) and, if `with_sums`, key sum (S, Z) (else None) over real tokens; float32, no gradient."""
+    codes, weight = codes.flatten(), mask.flatten().float()
+    counts = torch.zeros(codebook_size, device=codes.device).index_add_(0, codes, weight)
+    if not with_sums:
+        return counts, None
+    keys = keys.detach().float().flatten(0, -2) * weight[:, None]
+    return counts, torch.zeros(codebook_size, keys.shape[-1], device=keys.device).index_add_(0, codes, keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -442,18 +465,10 @@ def vq_attention(
 def _code_value_sums(codes, values, mask, codebook_size):
     """Per-row count (B, S) and value sum (B, S, H) of the real tokens. codes (B, L), values (B, L, H), mask (B, L)."""
     weight = mask.to(values.dtype)
-    counts = torch.zeros(*codes.shape[:1], codebook_size, device=codes.device).scatter_add_(1, codes, weight.float())
-    sums = torch.zeros(*codes.shape[:1], codebook_size, values.shape[-1], device=values.device, dtype=values.dtype)
+    counts = torch.zeros(codes.shape[0], codebook_size, device=codes.device).scatter_add_(1, codes, weight.float())
+    sums = torch.zeros(codes.shape[0], codebook_size, values.shape[-1], device=values.device, dtype=values.dtype)
     sums = sums.scatter_add(1, codes.unsqueeze(-1).expand_as(values), values * weight.unsqueeze(-1))
     return counts, sums
-
-
-def _fold_into_memory(state, counts, sums):
-    """Add per-code counts (B, S) and value sums (B, S, H) to the state's memory (kept as means and counts)."""
-    total = state.memory_counts + counts
-    means = (state.memory_means * state.memory_counts.unsqueeze(-1) + sums) / total.clamp(min=1).unsqueeze(-1)
-    state.memory_means = means.to(state.memory_means.dtype)
-    state.memory_counts = total
 
 
 def vq_attention_with_state(query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths):
@@ -480,29 +495,31 @@ def vq_attention_with_state(query, key, value, codes, codebook, key_mask, positi
         scatter_index = index.view(batch, length, *([1] * (new.dim() - 2))).expand_as(new)
         return out.scatter(1, scatter_index, new)
 
-    ext_codes = extend(state.window_codes, codes)
-    ext_mask = extend(state.window_mask, key_mask)
-    ext_values = extend(state.window_values, value)
-    ext_keys = extend(F.embedding(state.window_codes, codebook), key)
+    window_codes, window_values, window_mask = state.window()
+    memory_counts, memory_means = state.memory()
+    ext_codes = extend(window_codes, codes)
+    ext_mask = extend(window_mask, key_mask)
+    ext_values = extend(window_values, value)
+    ext_keys = extend(F.embedding(window_codes, codebook), key)
     ext_query = extend(torch.zeros_like(query[:, :1]).expand(-1, window, -1), query)
-    memory = (state.memory_counts, state.memory_means * state.memory_counts.unsqueeze(-1).to(value.dtype))
+    memory_sums = memory_means * memory_counts.unsqueeze(-1).to(value.dtype)
     used = slice(0, window + length)
     out = vq_attention(
         ext_query[:, used], ext_keys[:, used], ext_values[:, used], ext_codes[:, used], codebook, ext_mask[:, used],
-        position_bias, chunk_size, bidirectional=False, initial_memory=memory,
+        position_bias, chunk_size, bidirectional=False, initial_memory=(memory_counts, memory_sums),
     )  # fmt: skip
     out = out.gather(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
 
     # New window: the blocks of each row's last token and the one before; everything earlier joins the memory.
     last_index = start + lengths - 1  # = start - 1 (the last old token) when a row adds nothing
     first_kept = (last_index // chunk_size - 1) * chunk_size
-    positions_ext = torch.arange(ext_codes.shape[1], device=codes.device)
-    to_memory = ext_mask & (positions_ext[None, :] < first_kept[:, None])
-    _fold_into_memory(state, *_code_value_sums(ext_codes, ext_values, to_memory, state.memory_counts.shape[-1]))
+    before_window = torch.arange(ext_codes.shape[1], device=codes.device)[None, :] < first_kept[:, None]
+    counts, sums = _code_value_sums(ext_codes, ext_values, ext_mask & before_window, memory_counts.shape[-1])
+    total = memory_counts + counts
+    state.set_memory(total, (memory_sums + sums) / total.clamp(min=1).unsqueeze(-1).to(sums.dtype))
     kept = first_kept[:, None] + torch.arange(window, device=codes.device)
-    state.window_codes = ext_codes.gather(1, kept)
-    state.window_mask = ext_mask.gather(1, kept)
-    state.window_values = ext_values.gather(1, kept.unsqueeze(-1).expand(-1, -1, ext_values.shape[-1]))
+    kept_values = ext_values.gather(1, kept.unsqueeze(-1).expand(-1, -1, ext_values.shape[-1]))
+    state.set_window(ext_codes.gather(1, kept), kept_values, ext_mask.gather(1, kept))
     return out
 
 
@@ -510,7 +527,8 @@ def vq_attention_step(query, value, codes, codebook, key_mask, position_bias, ch
     """Causal VQ-attention for one new token per row against a decoding state, in O(2C + S) per token.
 
     When a row's token starts a new block, the oldest block of its window is folded into the memory and the current
-    block becomes the previous one; then the token is written into the window and attends to window + memory.
+    block becomes the previous one; then the token is written into its slot and attends to window + memory with one
+    gather, one softmax and one matmul over the state's joint layout (see `LongVQLayerState`).
     query (B, 1, Z), value (B, 1, H), codes (B, 1), key_mask (B, 1); positions (B,). Updates `state`; returns
     (B, 1, H).
     """
@@ -518,52 +536,72 @@ def vq_attention_step(query, value, codes, codebook, key_mask, position_bias, ch
     real = key_mask[:, 0]
     starts_block = real & (slot == 0)
     if bool(starts_block.any()):
-        old_mask = state.window_mask[:, :chunk_size] & starts_block[:, None]
-        counts, sums = _code_value_sums(state.window_codes[:, :chunk_size], state.window_values[:, :chunk_size], old_mask, codebook.shape[0])
-        _fold_into_memory(state, counts, sums)
+        window_codes, window_values, window_mask = state.window()
+        old = window_mask[:, :chunk_size] & starts_block[:, None]
+        counts, sums = _code_value_sums(window_codes[:, :chunk_size], window_values[:, :chunk_size], old, codebook.shape[0])
+        memory_counts, memory_means = state.memory()
+        total = memory_counts + counts
+        means = (memory_means * memory_counts.unsqueeze(-1) + sums) / total.clamp(min=1).unsqueeze(-1)
+        state.set_memory(total, means.to(memory_means.dtype))
         shift = starts_block[:, None]
-        state.window_codes = torch.where(shift, state.window_codes.roll(-chunk_size, 1), state.window_codes)
-        state.window_values = torch.where(shift[..., None], state.window_values.roll(-chunk_size, 1), state.window_values)
-        cleared = state.window_mask.roll(-chunk_size, 1)
-        cleared[:, chunk_size:] = False
-        state.window_mask = torch.where(shift, cleared, state.window_mask)
-    write = (chunk_size + slot)[:, None]  # (B, 1)
-    state.window_codes = state.window_codes.scatter(1, write, torch.where(real[:, None], codes, state.window_codes.gather(1, write)))
-    state.window_mask = state.window_mask.scatter(1, write, real[:, None] | state.window_mask.gather(1, write))
-    value_write = write.unsqueeze(-1).expand(-1, -1, value.shape[-1])
-    new_value = torch.where(real[:, None, None], value.to(state.window_values.dtype), state.window_values.gather(1, value_write))
-    state.window_values = state.window_values.scatter(1, value_write, new_value)
+        shifted_mask = window_mask.roll(-chunk_size, 1)
+        shifted_mask[:, chunk_size:] = False
+        state.set_window(
+            torch.where(shift, window_codes.roll(-chunk_size, 1), window_codes),
+            torch.where(shift[..., None], window_values.roll(-chunk_size, 1), window_values),
+            torch.where(shift, shifted_mask, window_mask),
+        )
+    # Write the token into its slot in place (the state owns its tensors); a padded row's slot stays empty.
+    rows, write = torch.arange(codes.shape[0], device=codes.device), chunk_size + slot
+    if bool(real.all()):
+        state.codes[rows, write] = codes[:, 0]
+        state.values[rows, write] = value[:, 0].to(state.values.dtype)
+        state.logit_offsets[rows, write] = 0.0
+    else:
+        state.codes[rows, write] = torch.where(real, codes[:, 0], state.codes[rows, write])
+        state.values[rows, write] = torch.where(real[:, None], value[:, 0].to(state.values.dtype), state.values[rows, write])
+        state.logit_offsets[rows, write] = torch.where(real, 0.0, state.logit_offsets[rows, write])
 
-    z_dim = query.shape[-1]
-    q = query[:, 0] * z_dim**-0.5  # (B, Z)
-    keys = F.embedding(state.window_codes, codebook).to(q.dtype)  # (B, 2C, Z)
-    offsets = chunk_size + slot[:, None] - torch.arange(2 * chunk_size, device=q.device)  # (B, 2C)
-    window_logits = (keys @ q.unsqueeze(-1)).squeeze(-1) + position_bias(offsets).to(q.dtype)
-    memory_logits = q @ codebook.to(q.dtype).t() + state.memory_counts.log().to(q.dtype)  # (B, S)
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.cat([window_logits, memory_logits], dim=-1).to(softmax_dtype)
-    allowed = torch.cat([state.window_mask, state.memory_counts > 0], dim=-1)
-    weights = torch.softmax(logits.masked_fill(~allowed, torch.finfo(softmax_dtype).min), dim=-1)
-    weights = weights.to(state.window_values.dtype)
-    window = state.window_values.shape[1]
-    out = (weights[:, None, :window] @ state.window_values) + (weights[:, None, window:] @ state.memory_means)
-    return out.to(value.dtype)
+    # logits = q.C_code / sqrt(Z) + [bias(i - j) | log N_s] (+ the empty-slot mask), one softmax over 2C + S.
+    scores = (query[:, 0] * query.shape[-1] ** -0.5) @ codebook.to(query.dtype).t()  # (B, S)
+    logits = scores.float().gather(1, state.codes) + state.logit_offsets + _decode_bias(position_bias, chunk_size, state)[slot]
+    weights = torch.softmax(logits, dim=-1).to(state.values.dtype)
+    return (weights.unsqueeze(1) @ state.values).to(value.dtype)
+
+
+def _decode_bias(position_bias, chunk_size, state):
+    """(C, 2C + S) float32: row s is the positional bias of a query in slot s of the current block over the joint
+    layout (window slots j get `bias(C + s - j)`, memory entries 0). Memoised on the bias parameters."""
+
+    def compute():
+        offsets = window_offsets(chunk_size, bidirectional=False, device=state.codes.device)
+        bias = position_bias(offsets).float()
+        return F.pad(bias, (0, state.codes.shape[1] - bias.shape[1]))
+
+    return _derived(position_bias, "decode_rows", compute, *position_bias.parameters())
+
+
+_EMPTY = torch.finfo(torch.float32).min  # logit offset of an empty slot: exp underflows to exactly 0
 
 
 class LongVQLayerState:
     """One layer's decoding state; its size depends on the batch and the config only, never on tokens seen.
 
-    ema (B, D, N) float32; window_codes (B, 2C) long, window_values (B, 2C, H), window_mask (B, 2C) bool: the codes
-    (= quantized keys) and values of the previous block (slots [0, C)) and the current block (slots [C, 2C));
-    memory_counts (B, S) float32 and memory_means (B, S, H): per-code token counts and value means of all earlier
-    blocks.
+    Stored in the joint layout the decode step attends over, 2C window slots followed by S memory entries:
+      - ema (B, D, N) float32: the EMA recurrence state;
+      - codes (B, 2C + S) long: the codes (= quantized keys) of the previous block (slots [0, C)) and the current
+        block (slots [C, 2C)), then the constant codes 0..S-1 of the memory entries;
+      - values (B, 2C + S, H): the window's values, then the memory's per-code value means;
+      - logit_offsets (B, 2C + S) float32: 0 for a filled window slot, log N_s for a memory code with N_s > 0,
+        and a huge negative number for empty entries;
+      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window.
     """
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
     supports_early_init = False
-    fields = ("ema", "window_codes", "window_values", "window_mask", "memory_counts", "memory_means")
+    fields = ("ema", "codes", "values", "logit_offsets", "memory_counts")
 
     def __init__(self):
         self.reset()
@@ -573,13 +611,40 @@ class LongVQLayerState:
         return self.ema is not None
 
     def initialize(self, config, batch_size: int, device, dtype):
-        window = 2 * config.chunk_size
+        window, size = 2 * config.chunk_size, 2 * config.chunk_size + config.codebook_size
         self.ema = torch.zeros(batch_size, config.hidden_size, config.ema_projection_size, device=device)
-        self.window_codes = torch.zeros(batch_size, window, dtype=torch.long, device=device)
-        self.window_values = torch.zeros(batch_size, window, config.intermediate_size, device=device, dtype=dtype)
-        self.window_mask = torch.zeros(batch_size, window, dtype=torch.bool, device=device)
+        self.codes = torch.zeros(batch_size, size, dtype=torch.long, device=device)
+        self.codes[:, window:] = torch.arange(config.codebook_size, device=device)
+        self.values = torch.zeros(batch_size, size, config.intermediate_size, device=device, dtype=dtype)
+        self.logit_offsets = torch.full((batch_size, size), _EMPTY, device=device)
         self.memory_counts = torch.zeros(batch_size, config.codebook_size, device=device)
-        self.memory_means = torch.zeros(batch_size, config.codebook_size, config.intermediate_size, device=device, dtype=dtype)
+
+    @property
+    def window_size(self) -> int:
+        return self.codes.shape[1] - self.memory_counts.shape[1]
+
+    def window(self):
+        """codes (B, 2C), values (B, 2C, H), mask (B, 2C) bool."""
+        w = self.window_size
+        return self.codes[:, :w], self.values[:, :w], self.logit_offsets[:, :w] >= 0
+
+    def memory(self):
+        """counts (B, S) float32, value means (B, S, H)."""
+        return self.memory_counts, self.values[:, self.window_size :]
+
+    def set_window(self, codes, values, mask):
+        w = self.window_size
+        self.codes = torch.cat([codes, self.codes[:, w:]], dim=1)
+        self.values = torch.cat([values.to(self.values.dtype), self.values[:, w:]], dim=1)
+        window_offsets_ = torch.where(mask, 0.0, _EMPTY)
+        self.logit_offsets = torch.cat([window_offsets_, self.logit_offsets[:, w:]], dim=1)
+
+    def set_memory(self, counts, means):
+        w = self.window_size
+        self.memory_counts = counts
+        self.values = torch.cat([self.values[:, :w], means.to(self.values.dtype)], dim=1)
+        memory_offsets = torch.where(counts > 0, counts.clamp(min=1).log(), _EMPTY)
+        self.logit_offsets = torch.cat([self.logit_offsets[:, :w], memory_offsets], dim=1)
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.fields if getattr(self, name) is not None]
@@ -713,7 +778,7 @@ class LongVQLayerStatistics:
 
     squared_error_sum: torch.Tensor  # () sum over real tokens of ||k - sg(C_code)||^2
     code_counts: torch.Tensor  # (S,) tokens per code
-    code_key_sums: torch.Tensor  # (S, Z) sum of the keys assigned to each code
+    code_key_sums: torch.Tensor | None  # (S, Z) sum of the keys assigned to each code (training only)
 
 
 class LongVQGatedAttention(nn.Module):
@@ -764,8 +829,7 @@ class LongVQGatedAttention(nn.Module):
         mixed = self.dropout(self.ema(x, mask, state, lengths, continuing))
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
-        query = shared * self.query_key_scale[0] + self.query_key_offset[0]
-        key = shared * self.query_key_scale[1] + self.query_key_offset[1]
+        query, key = (shared.unsqueeze(-2) * self.query_key_scale + self.query_key_offset).unbind(-2)
         # Keys live on the sphere of radius sqrt(Z), like the codewords; the query keeps its scale (the temperature).
         key = F.rms_norm(key, (key.shape[-1],), eps=self.config.norm_eps)
         codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
@@ -790,8 +854,9 @@ class LongVQGatedAttention(nn.Module):
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
         if not self.config.normalize_before:
             out = self.norm(out, mask)
-        counts, sums = code_statistics(codes, key, mask, self.config.codebook_size)
-        statistics = LongVQLayerStatistics(squared_error[mask].sum(), counts, sums)
+        # Key sums feed the codebook update only, so eval forwards skip them.
+        counts, sums = code_statistics(codes, key, mask, self.config.codebook_size, with_sums=self.training)
+        statistics = LongVQLayerStatistics((squared_error * mask).sum(), counts, sums)
         return out, statistics
 
 
@@ -1054,8 +1119,10 @@ class LongVQModel(LongVQPreTrainedModel):
 
         # Move left padding out of the way: rotate each row so its first real token is at index 0. Blocks are then
         # counted from the first real token, and left padding becomes trailing padding that no real token sees.
-        lead = (~mask).int().cumprod(-1).sum(-1)  # leading pads per row
-        aligned = bool(lead.any())
+        aligned = False
+        if length > 1:
+            lead = (~mask).int().cumprod(-1).sum(-1)  # leading pads per row
+            aligned = bool(lead.any())
         if aligned:
             index = (torch.arange(length, device=mask.device) + lead[:, None]) % length
             unindex = (torch.arange(length, device=mask.device) - lead[:, None]) % length
@@ -1066,7 +1133,10 @@ class LongVQModel(LongVQPreTrainedModel):
                 raise ValueError(f"The cache holds {past_key_values.batch_size} rows but the input has {batch}.")
             if not past_key_values.is_initialized:
                 past_key_values.initialize(batch, hidden_states.device, hidden_states.dtype)
-            lengths = length - (~mask).flip(-1).int().cumprod(-1).sum(-1)  # up to each row's last real token
+            if length == 1:
+                lengths = mask[:, 0].long()
+            else:  # up to each row's last real token
+                lengths = length - (~mask).flip(-1).int().cumprod(-1).sum(-1)
 
         all_hidden_states = [hidden_states] if output_hidden_states else None
         squared_errors, counts, sums = [], [], []
@@ -1121,7 +1191,7 @@ class LongVQModel(LongVQPreTrainedModel):
             if past_key_values is not None:
                 raise ValueError("A bidirectional LongVQ model has no decoding state: do not pass `past_key_values`.")
             return None  # the default use_cache=True simply does not apply to encoders
-        if self.is_activation_checkpointing and self.training:
+        if self.training and self.is_activation_checkpointing:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not returning a cache.")
             return None
         if past_key_values is None:

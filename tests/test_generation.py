@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from longvq import LongVQCache, LongVQForCausalLM
+from longvq.modeling_longvq import LongVQLayerState
 from helpers import tiny_config
 
 MAX_DECODE_ERROR = 1e-4
@@ -81,12 +82,12 @@ def test_chunked_prefill_equals_single_prefill():
         logits.append(out.logits)
     assert (torch.cat(logits, 1) - single.logits)[mask.bool()].abs().max() < MAX_DECODE_ERROR
     for a, b in zip(single.past_key_values.layers, cache.layers):
-        valid = a.window_mask
-        assert torch.equal(valid, b.window_mask)
-        assert torch.equal(a.window_codes[valid], b.window_codes[valid])  # empty slots may hold anything
-        torch.testing.assert_close(a.window_values[valid], b.window_values[valid], atol=1e-4, rtol=1e-4)
-        for name in ("ema", "memory_counts", "memory_means"):
-            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=1e-4)
+        (codes_a, values_a, valid), (codes_b, values_b, valid_b) = a.window(), b.window()
+        assert torch.equal(valid, valid_b)
+        assert torch.equal(codes_a[valid], codes_b[valid])  # empty slots may hold anything
+        torch.testing.assert_close(values_a[valid], values_b[valid], atol=1e-4, rtol=1e-4)
+        for x, y in zip((a.ema, *a.memory()), (b.ema, *b.memory())):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
 def test_state_size_does_not_depend_on_tokens_seen():
@@ -120,7 +121,7 @@ def test_reorder_and_batch_operations_cover_every_tensor():
     order = torch.tensor([2, 0, 1])
     cache.reorder_cache(order)
     reordered = [t for layer in cache.layers for t in layer.tensors()] + [cache.positions]
-    assert len(reordered) == len(tensors) == 6 * model.config.num_hidden_layers + 1
+    assert len(reordered) == len(tensors) == len(LongVQLayerState.fields) * model.config.num_hidden_layers + 1
     for old, new in zip(tensors, reordered):
         assert torch.equal(new, old[order])
     cache.batch_repeat_interleave(2)
