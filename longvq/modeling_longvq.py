@@ -42,7 +42,9 @@ def _derived(owner: nn.Module, name: str, compute, *sources: torch.Tensor):
     """
     if torch.is_grad_enabled() and any(source.requires_grad for source in sources):
         return compute()
-    key = (torch.is_inference_mode_enabled(), *((id(t), t.data_ptr(), t._version) for t in sources))
+    # Inference tensors have no version counter; they cannot be updated in place outside inference mode anyway.
+    versions = ((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in sources)
+    key = (torch.is_inference_mode_enabled(), *versions)
     memo = owner.__dict__.setdefault("_derived_memo", {})
     if name not in memo or memo[name][0] != key:
         memo[name] = (key, compute())
@@ -322,20 +324,22 @@ class LongVQVectorQuantizer(nn.Module):
         compute = lambda: self.codebook_sum.float() / self.codebook_count.float().clamp(min=1e-6)[:, None]  # noqa: E731
         return _derived(self, "codebook", compute, self.codebook_sum, self.codebook_count)
 
-    @staticmethod
-    def quantize(keys: torch.Tensor, codebook: torch.Tensor):
+    def quantize(self, keys: torch.Tensor, codebook: torch.Tensor):
         """keys: (B, T, Z); codebook: (S, Z) float32.
 
         Returns codes (B, T) long, quantized keys (B, T, Z) (forward value = codeword, straight-through gradient to
-        the keys) and the squared quantization error (B, T) float32 with gradient to the keys only.
+        the keys) and the squared quantization error `||k - sg(C_code)||^2` (B, T) float32 with gradient to the keys.
         """
         keys_f = keys.float()
-        # ||k - C_s||^2 up to ||k||^2, which does not change the argmin; float32 even under autocast.
-        distances = torch.addmm(codebook.pow(2).sum(-1), keys_f.flatten(0, -2), codebook.t(), alpha=-2)
-        codes = distances.argmin(-1).view(keys.shape[:-1])
-        codewords = F.embedding(codes, codebook)
-        quantized = codewords.to(keys.dtype) + (keys - keys.detach())
-        squared_error = (keys_f - codewords).pow(2).sum(-1)
+        codeword_norms = _derived(self, "codeword_norms", lambda: codebook.pow(2).sum(-1), codebook)
+        # ||k - C_s||^2 - ||k||^2 (float32 even under autocast); the minimum gives both the code and the error.
+        distances = torch.addmm(codeword_norms, keys_f.flatten(0, -2), codebook.t(), alpha=-2)
+        shifted_error, codes = distances.min(-1)
+        codes = codes.view(keys.shape[:-1])
+        squared_error = (keys_f.pow(2).sum(-1) + shifted_error.view(keys.shape[:-1])).clamp(min=0)
+        quantized = F.embedding(codes, codebook).to(keys.dtype)
+        if keys.requires_grad:
+            quantized = quantized + (keys - keys.detach())
         return codes, quantized, squared_error
 
     @torch.no_grad()
@@ -807,57 +811,56 @@ class LongVQGatedAttention(nn.Module):
         }[config.relative_positional_bias]
         self.position_bias = bias_class(config)
         self.out_proj = nn.Linear(h, d)
-        self.dropout = nn.Dropout(config.dropout)
-        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None):
         """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z).
 
         With `past_key_values` (a `LongVQCache`) this layer continues its decoding state and updates it; `lengths`
         (B,) are the block positions each row advances (up to its last real token). Returns (B, T, D) and the layer
-        statistics.
+        statistics (None for a single-token decoding step, where they would only cost time).
         """
+        config = self.config
         residual = hidden_states
-        x = self.norm(hidden_states, mask) if self.config.normalize_before else hidden_states
-        value = self.hidden_dropout(F.silu(self.value_proj(x)))
+        x = self.norm(hidden_states, mask) if config.normalize_before else hidden_states
+        value = F.dropout(F.silu(self.value_proj(x)), config.hidden_dropout, self.training)
         state, continuing = None, False
         if past_key_values is not None:
             state = past_key_values.layers[self.layer_idx]
             continuing = past_key_values.seen_tokens > 0
             if not state.is_initialized:  # created here, on this layer's device
-                state.initialize(self.config, x.shape[0], x.device, value.dtype)
-        mixed = self.dropout(self.ema(x, mask, state, lengths, continuing))
+                state.initialize(config, x.shape[0], x.device, value.dtype)
+        decode_step = continuing and x.shape[1] == 1
+        mixed = F.dropout(self.ema(x, mask, state, lengths, continuing), config.dropout, self.training)
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
         query, key = (shared.unsqueeze(-2) * self.query_key_scale + self.query_key_offset).unbind(-2)
         # Keys live on the sphere of radius sqrt(Z), like the codewords; the query keeps its scale (the temperature).
-        key = F.rms_norm(key, (key.shape[-1],), eps=self.config.norm_eps)
+        key = F.rms_norm(key, (key.shape[-1],), eps=config.norm_eps)
         codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
-        chunk_size = self.config.chunk_size
         if state is None:
             attention = vq_attention(
-                query, key_quantized, value, codes, codebook, mask, self.position_bias, chunk_size,
-                bidirectional=self.config.bidirectional, dropout=self.config.attention_dropout, training=self.training,
+                query, key_quantized, value, codes, codebook, mask, self.position_bias, config.chunk_size,
+                bidirectional=config.bidirectional, dropout=config.attention_dropout, training=self.training,
             )  # fmt: skip
-        else:
+        elif decode_step:
             positions = past_key_values.positions.to(x.device)
-            if continuing and x.shape[1] == 1:
-                attention = vq_attention_step(
-                    query, value, codes, codebook, mask, self.position_bias, chunk_size, state, positions
-                )
-            else:
-                attention = vq_attention_with_state(
-                    query, key_quantized, value, codes, codebook, mask, self.position_bias, chunk_size, state,
-                    positions, lengths.to(x.device),
-                )  # fmt: skip
-        gated = self.dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))))
+            attention = vq_attention_step(
+                query, value, codes, codebook, mask, self.position_bias, config.chunk_size, state, positions
+            )
+        else:
+            attention = vq_attention_with_state(
+                query, key_quantized, value, codes, codebook, mask, self.position_bias, config.chunk_size, state,
+                past_key_values.positions.to(x.device), lengths.to(x.device),
+            )  # fmt: skip
+        gated = F.dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), config.dropout, self.training)
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
-        if not self.config.normalize_before:
+        if not config.normalize_before:
             out = self.norm(out, mask)
+        if decode_step and not self.training:
+            return out, None
         # Key sums feed the codebook update only, so eval forwards skip them.
-        counts, sums = code_statistics(codes, key, mask, self.config.codebook_size, with_sums=self.training)
-        statistics = LongVQLayerStatistics((squared_error * mask).sum(), counts, sums)
-        return out, statistics
+        counts, sums = code_statistics(codes, key, mask, config.codebook_size, with_sums=self.training)
+        return out, LongVQLayerStatistics((squared_error * mask).sum(), counts, sums)
 
 
 class LongVQNormalizedFeedForward(nn.Module):
@@ -870,12 +873,12 @@ class LongVQNormalizedFeedForward(nn.Module):
         self.norm = LongVQSequenceNorm(config)
         self.fc1 = nn.Linear(config.hidden_size, width)
         self.fc2 = nn.Linear(width, config.hidden_size)
-        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
-        self.dropout = nn.Dropout(config.dropout)
+        self.hidden_dropout, self.dropout = config.hidden_dropout, config.dropout
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden_states, mask) if self.normalize_before else hidden_states
-        out = hidden_states + self.dropout(self.fc2(self.hidden_dropout(F.silu(self.fc1(x)))))
+        hidden = F.dropout(F.silu(self.fc1(x)), self.hidden_dropout, self.training)
+        out = hidden_states + F.dropout(self.fc2(hidden), self.dropout, self.training)
         return out if self.normalize_before else self.norm(out, mask)
 
 
@@ -890,9 +893,12 @@ class LongVQBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None):
         """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,) and key sums
-        (S, Z) as a flat tuple of tensors (gradient checkpointing handles tensors only)."""
+        (S, Z) as a flat tuple (gradient checkpointing handles tensors only); the statistics are None for an eval
+        decoding step and the key sums outside training."""
         hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths)
         hidden_states = self.feed_forward(hidden_states, mask)
+        if stats is None:
+            return hidden_states, None, None, None
         return hidden_states, stats.squared_error_sum, stats.code_counts, stats.code_key_sums
 
 
@@ -910,6 +916,8 @@ class LongVQModelOutput(BaseModelOutputWithPast):
         Fraction of each layer's codes used by the real tokens of this batch.
     codebook_perplexity (`torch.FloatTensor` of shape `(num_hidden_layers,)`):
         `exp(entropy)` of each layer's code distribution over this batch (S when all codes are equally used).
+
+    The three VQ fields are None for single-token decoding steps in eval mode (one token says nothing about usage).
     """
 
     commitment_loss: torch.FloatTensor | None = None
@@ -1159,12 +1167,18 @@ class LongVQModel(LongVQPreTrainedModel):
         if past_key_values is not None:
             past_key_values.advance(lengths, length)
 
-        counts = torch.stack(counts)  # (L, S)
-        if self.training:
-            self._update_codebooks(counts, torch.stack(sums))
-        commitment_loss = torch.stack(squared_errors).sum() / mask.sum().clamp(min=1)
-        probabilities = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-        entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(-1)
+        vq_fields = {}
+        if counts[0] is not None:
+            counts = torch.stack(counts)  # (L, S)
+            if self.training:
+                self._update_codebooks(counts, torch.stack(sums))
+            probabilities = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+            entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(-1)
+            vq_fields = dict(
+                commitment_loss=torch.stack(squared_errors).sum() / mask.sum().clamp(min=1),
+                codebook_usage=(counts > 0).float().mean(-1),
+                codebook_perplexity=entropy.exp(),
+            )
 
         if aligned:
             hidden_states = _gather_rows(hidden_states, unindex)
@@ -1174,9 +1188,7 @@ class LongVQModel(LongVQPreTrainedModel):
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            commitment_loss=commitment_loss,
-            codebook_usage=(counts > 0).float().mean(-1),
-            codebook_perplexity=entropy.exp(),
+            **vq_fields,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1322,10 +1334,11 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             commitment = outputs.commitment_loss
             num_items_in_batch = kwargs.get("num_items_in_batch")
-            if num_items_in_batch is not None:
+            if commitment is not None and num_items_in_batch is not None:
                 real_tokens = attention_mask[:, -labels.shape[1] :].sum() if attention_mask is not None else labels.numel()
                 commitment = commitment * real_tokens / num_items_in_batch
-            loss = loss + self.config.vq_commitment_weight * commitment
+            if commitment is not None:
+                loss = loss + self.config.vq_commitment_weight * commitment
         output = LongVQCausalLMOutput(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
             **_vq_output_fields(outputs),
