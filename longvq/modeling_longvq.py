@@ -32,6 +32,11 @@ from .configuration_longvq import LongVQConfig
 logger = logging.get_logger(__name__)
 
 
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # Skips the call entirely in eval, where decoding makes thousands of them.
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
 def _derived(owner: nn.Module, name: str, compute, *sources: torch.Tensor):
     """A constant derived from parameters/buffers `sources`, memoised on `owner` while they are unchanged (same
     tensor, storage and in-place version counter) and no gradient must flow through it; recomputed otherwise.
@@ -205,22 +210,22 @@ class LongVQMultiDimensionalEma(nn.Module):
         state = torch.addcmul(gain * x.float().unsqueeze(-1), q, state)
         return torch.linalg.vecdot(state, self.readout()), state
 
-    def forward(self, x, mask, state=None, lengths=None, continuing=False) -> torch.Tensor:
+    def forward(self, x, mask, state=None, lengths=None, plan=None) -> torch.Tensor:
         """`SiLU(EMA(x) + omega * x)` (B, T, D) for x (B, T, D) with mask (B, T) bool.
 
-        With a decoding `state` (`LongVQLayerState`) the new EMA state is stored in it: one recurrence step for a
-        single token that `continuing`s a state, otherwise the convolution (plus the contribution of the state being
-        continued) and the state after each row's `lengths[b]` steps.
+        With a decoding `state` (`LongVQLayerState`) the new EMA state is stored in it: one recurrence step when a
+        single-token step `plan` is given, otherwise the convolution continuing `state.ema` (if the state has seen
+        tokens) and the state after each row's `lengths[b]` steps.
         """
+        if plan is not None:
+            ema, new_state = self.step(x[:, 0], state.ema)
+            state.ema = new_state if plan.all_real else torch.where(plan.real[:, None, None], new_state, state.ema)
+            return F.silu(ema.unsqueeze(1).to(x.dtype) + x * self.residual_weight)  # padded rows: output unused
         x = x * mask.unsqueeze(-1).to(x.dtype)
         if state is None:
             ema = self.convolve(x)
-        elif continuing and x.shape[1] == 1:
-            ema, new_state = self.step(x[:, 0], state.ema)
-            state.ema = torch.where(mask[:, 0, None, None], new_state, state.ema)  # a padded step changes nothing
-            ema = ema.unsqueeze(1)
         else:
-            initial = state.ema if continuing else None
+            initial = state.ema  # None before the state's first tokens
             ema = self.convolve(x, initial)
             state.ema = self.final_state(x, lengths, initial)
         return F.silu(ema.to(x.dtype) + x * self.residual_weight)
@@ -331,16 +336,22 @@ class LongVQVectorQuantizer(nn.Module):
         the keys) and the squared quantization error `||k - sg(C_code)||^2` (B, T) float32 with gradient to the keys.
         """
         keys_f = keys.float()
-        codeword_norms = _derived(self, "codeword_norms", lambda: codebook.pow(2).sum(-1), codebook)
-        # ||k - C_s||^2 - ||k||^2 (float32 even under autocast); the minimum gives both the code and the error.
-        distances = torch.addmm(codeword_norms, keys_f.flatten(0, -2), codebook.t(), alpha=-2)
-        shifted_error, codes = distances.min(-1)
+        shifted_error, codes = self._shifted_distances(keys_f, codebook).min(-1)
         codes = codes.view(keys.shape[:-1])
         squared_error = (keys_f.pow(2).sum(-1) + shifted_error.view(keys.shape[:-1])).clamp(min=0)
         quantized = F.embedding(codes, codebook).to(keys.dtype)
         if keys.requires_grad:
             quantized = quantized + (keys - keys.detach())
         return codes, quantized, squared_error
+
+    def nearest(self, keys: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Codes only (B, T), for decoding steps."""
+        return self._shifted_distances(keys.float(), codebook).argmin(-1).view(keys.shape[:-1])
+
+    def _shifted_distances(self, keys: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """(B*T, S) `||k - C_s||^2 - ||k||^2` in float32 (even under autocast); the argmin is the nearest code."""
+        codeword_norms = _derived(self, "codeword_norms", lambda: codebook.pow(2).sum(-1), codebook)
+        return torch.addmm(codeword_norms, keys.flatten(0, -2), codebook.t(), alpha=-2)
 
     @torch.no_grad()
     def ema_update(self, counts: torch.Tensor, sums: torch.Tensor):
@@ -527,27 +538,35 @@ def vq_attention_with_state(query, key, value, codes, codebook, key_mask, positi
     return out
 
 
-def vq_attention_step(query, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions):
+@dataclass
+class LongVQDecodePlan:
+    """What every layer of one single-token decoding step shares, computed once per step by `LongVQCache.plan`."""
+
+    rows: torch.Tensor  # (B,) 0..B-1
+    slot: torch.Tensor  # (B,) position of the new token inside its block
+    real: torch.Tensor  # (B,) bool, the new token is not padding
+    all_real: bool
+    starts_block: torch.Tensor  # (B,) bool, a real token at slot 0: the window moves on by one block
+    any_starts_block: bool
+
+
+def vq_attention_step(query, value, codes, codebook, position_bias, chunk_size, state, plan: LongVQDecodePlan):
     """Causal VQ-attention for one new token per row against a decoding state, in O(2C + S) per token.
 
     When a row's token starts a new block, the oldest block of its window is folded into the memory and the current
     block becomes the previous one; then the token is written into its slot and attends to window + memory with one
     gather, one softmax and one matmul over the state's joint layout (see `LongVQLayerState`).
-    query (B, 1, Z), value (B, 1, H), codes (B, 1), key_mask (B, 1); positions (B,). Updates `state`; returns
-    (B, 1, H).
+    query (B, 1, Z), value (B, 1, H), codes (B, 1). Updates `state`; returns (B, 1, H).
     """
-    slot = positions % chunk_size
-    real = key_mask[:, 0]
-    starts_block = real & (slot == 0)
-    if bool(starts_block.any()):
+    if plan.any_starts_block:
         window_codes, window_values, window_mask = state.window()
-        old = window_mask[:, :chunk_size] & starts_block[:, None]
+        old = window_mask[:, :chunk_size] & plan.starts_block[:, None]
         counts, sums = _code_value_sums(window_codes[:, :chunk_size], window_values[:, :chunk_size], old, codebook.shape[0])
         memory_counts, memory_means = state.memory()
         total = memory_counts + counts
         means = (memory_means * memory_counts.unsqueeze(-1) + sums) / total.clamp(min=1).unsqueeze(-1)
         state.set_memory(total, means.to(memory_means.dtype))
-        shift = starts_block[:, None]
+        shift = plan.starts_block[:, None]
         shifted_mask = window_mask.roll(-chunk_size, 1)
         shifted_mask[:, chunk_size:] = False
         state.set_window(
@@ -556,19 +575,20 @@ def vq_attention_step(query, value, codes, codebook, key_mask, position_bias, ch
             torch.where(shift, shifted_mask, window_mask),
         )
     # Write the token into its slot in place (the state owns its tensors); a padded row's slot stays empty.
-    rows, write = torch.arange(codes.shape[0], device=codes.device), chunk_size + slot
-    if bool(real.all()):
+    rows, write, new_values = plan.rows, chunk_size + plan.slot, value[:, 0].to(state.values.dtype)
+    if plan.all_real:
         state.codes[rows, write] = codes[:, 0]
-        state.values[rows, write] = value[:, 0].to(state.values.dtype)
+        state.values[rows, write] = new_values
         state.logit_offsets[rows, write] = 0.0
     else:
+        real = plan.real
         state.codes[rows, write] = torch.where(real, codes[:, 0], state.codes[rows, write])
-        state.values[rows, write] = torch.where(real[:, None], value[:, 0].to(state.values.dtype), state.values[rows, write])
+        state.values[rows, write] = torch.where(real[:, None], new_values, state.values[rows, write])
         state.logit_offsets[rows, write] = torch.where(real, 0.0, state.logit_offsets[rows, write])
 
     # logits = q.C_code / sqrt(Z) + [bias(i - j) | log N_s] (+ the empty-slot mask), one softmax over 2C + S.
-    scores = (query[:, 0] * query.shape[-1] ** -0.5) @ codebook.to(query.dtype).t()  # (B, S)
-    logits = scores.float().gather(1, state.codes) + state.logit_offsets + _decode_bias(position_bias, chunk_size, state)[slot]
+    scores = (query[:, 0] * query.shape[-1] ** -0.5).float() @ codebook.t()  # (B, S), every key is a codeword
+    logits = scores.gather(1, state.codes) + state.logit_offsets + _decode_bias(position_bias, chunk_size, state)[plan.slot]
     weights = torch.softmax(logits, dim=-1).to(state.values.dtype)
     return (weights.unsqueeze(1) @ state.values).to(value.dtype)
 
@@ -592,7 +612,7 @@ class LongVQLayerState:
     """One layer's decoding state; its size depends on the batch and the config only, never on tokens seen.
 
     Stored in the joint layout the decode step attends over, 2C window slots followed by S memory entries:
-      - ema (B, D, N) float32: the EMA recurrence state;
+      - ema (B, D, N) float32: the EMA recurrence state (None before any token);
       - codes (B, 2C + S) long: the codes (= quantized keys) of the previous block (slots [0, C)) and the current
         block (slots [C, 2C)), then the constant codes 0..S-1 of the memory entries;
       - values (B, 2C + S, H): the window's values, then the memory's per-code value means;
@@ -612,11 +632,11 @@ class LongVQLayerState:
 
     @property
     def is_initialized(self) -> bool:
-        return self.ema is not None
+        return self.codes is not None
 
     def initialize(self, config, batch_size: int, device, dtype):
+        """Empty window and memory; `ema` stays None until the first tokens set it."""
         window, size = 2 * config.chunk_size, 2 * config.chunk_size + config.codebook_size
-        self.ema = torch.zeros(batch_size, config.hidden_size, config.ema_projection_size, device=device)
         self.codes = torch.zeros(batch_size, size, dtype=torch.long, device=device)
         self.codes[:, window:] = torch.arange(config.codebook_size, device=device)
         self.values = torch.zeros(batch_size, size, config.intermediate_size, device=device, dtype=dtype)
@@ -742,6 +762,15 @@ class LongVQCache(Cache):
             layer.initialize(self.config, batch_size, device, dtype)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    def plan(self, mask: torch.Tensor) -> LongVQDecodePlan:
+        """The shared bookkeeping of a single-token decoding step; mask: (B,) bool, True for a real token."""
+        slot = self.positions.to(mask.device) % self.config.chunk_size
+        starts_block = mask & (slot == 0)
+        return LongVQDecodePlan(
+            rows=torch.arange(mask.shape[0], device=mask.device), slot=slot, real=mask, all_real=bool(mask.all()),
+            starts_block=starts_block, any_starts_block=bool(starts_block.any()),
+        )  # fmt: skip
+
     def advance(self, lengths: torch.Tensor, columns: int):
         """Record that row b moved `lengths[b]` block positions and the input had `columns` columns."""
         self.positions = self.positions + lengths.to(self.positions.device)
@@ -812,51 +841,51 @@ class LongVQGatedAttention(nn.Module):
         self.position_bias = bias_class(config)
         self.out_proj = nn.Linear(h, d)
 
-    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None):
+    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None):
         """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z).
 
-        With `past_key_values` (a `LongVQCache`) this layer continues its decoding state and updates it; `lengths`
-        (B,) are the block positions each row advances (up to its last real token). Returns (B, T, D) and the layer
-        statistics (None for a single-token decoding step, where they would only cost time).
+        With `past_key_values` (a `LongVQCache`) this layer continues its decoding state and updates it: block-
+        parallel for several new tokens, where `lengths` (B,) are the block positions each row advances (up to its
+        last real token), or one step with the shared `plan` of a single-token step. Returns (B, T, D) and the layer
+        statistics (None for a single-token step in eval mode, where they would only cost time).
         """
         config = self.config
         residual = hidden_states
         x = self.norm(hidden_states, mask) if config.normalize_before else hidden_states
-        value = F.dropout(F.silu(self.value_proj(x)), config.hidden_dropout, self.training)
-        state, continuing = None, False
+        value = _dropout(F.silu(self.value_proj(x)), config.hidden_dropout, self.training)
+        state = None
         if past_key_values is not None:
             state = past_key_values.layers[self.layer_idx]
-            continuing = past_key_values.seen_tokens > 0
             if not state.is_initialized:  # created here, on this layer's device
                 state.initialize(config, x.shape[0], x.device, value.dtype)
-        decode_step = continuing and x.shape[1] == 1
-        mixed = F.dropout(self.ema(x, mask, state, lengths, continuing), config.dropout, self.training)
+        mixed = _dropout(self.ema(x, mask, state, lengths, plan), config.dropout, self.training)
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
         query, key = (shared.unsqueeze(-2) * self.query_key_scale + self.query_key_offset).unbind(-2)
         # Keys live on the sphere of radius sqrt(Z), like the codewords; the query keeps its scale (the temperature).
         key = F.rms_norm(key, (key.shape[-1],), eps=config.norm_eps)
-        codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
+        statistics_needed = plan is None or self.training
+        if statistics_needed:
+            codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
+        else:
+            codes = self.quantizer.nearest(key, codebook)
         if state is None:
             attention = vq_attention(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, config.chunk_size,
                 bidirectional=config.bidirectional, dropout=config.attention_dropout, training=self.training,
             )  # fmt: skip
-        elif decode_step:
-            positions = past_key_values.positions.to(x.device)
-            attention = vq_attention_step(
-                query, value, codes, codebook, mask, self.position_bias, config.chunk_size, state, positions
-            )
+        elif plan is not None:
+            attention = vq_attention_step(query, value, codes, codebook, self.position_bias, config.chunk_size, state, plan)
         else:
             attention = vq_attention_with_state(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, config.chunk_size, state,
                 past_key_values.positions.to(x.device), lengths.to(x.device),
             )  # fmt: skip
-        gated = F.dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), config.dropout, self.training)
+        gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), config.dropout, self.training)
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
         if not config.normalize_before:
             out = self.norm(out, mask)
-        if decode_step and not self.training:
+        if not statistics_needed:
             return out, None
         # Key sums feed the codebook update only, so eval forwards skip them.
         counts, sums = code_statistics(codes, key, mask, config.codebook_size, with_sums=self.training)
@@ -877,8 +906,8 @@ class LongVQNormalizedFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden_states, mask) if self.normalize_before else hidden_states
-        hidden = F.dropout(F.silu(self.fc1(x)), self.hidden_dropout, self.training)
-        out = hidden_states + F.dropout(self.fc2(hidden), self.dropout, self.training)
+        hidden = _dropout(F.silu(self.fc1(x)), self.hidden_dropout, self.training)
+        out = hidden_states + _dropout(self.fc2(hidden), self.dropout, self.training)
         return out if self.normalize_before else self.norm(out, mask)
 
 
@@ -891,11 +920,11 @@ class LongVQBlock(GradientCheckpointingLayer):
         self.attention = LongVQGatedAttention(config, layer_idx)
         self.feed_forward = LongVQNormalizedFeedForward(config)
 
-    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None):
+    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None):
         """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,) and key sums
         (S, Z) as a flat tuple (gradient checkpointing handles tensors only); the statistics are None for an eval
         decoding step and the key sums outside training."""
-        hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths)
+        hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths, plan)
         hidden_states = self.feed_forward(hidden_states, mask)
         if stats is None:
             return hidden_states, None, None, None
@@ -1135,7 +1164,7 @@ class LongVQModel(LongVQPreTrainedModel):
             index = (torch.arange(length, device=mask.device) + lead[:, None]) % length
             unindex = (torch.arange(length, device=mask.device) - lead[:, None]) % length
             hidden_states, mask = _gather_rows(hidden_states, index), mask.gather(1, index)
-        lengths = None
+        lengths = plan = None
         if past_key_values is not None:
             if past_key_values.batch_size not in (-1, batch):
                 raise ValueError(f"The cache holds {past_key_values.batch_size} rows but the input has {batch}.")
@@ -1143,6 +1172,8 @@ class LongVQModel(LongVQPreTrainedModel):
                 past_key_values.initialize(batch, hidden_states.device, hidden_states.dtype)
             if length == 1:
                 lengths = mask[:, 0].long()
+                if past_key_values.seen_tokens > 0:  # a decoding step: O(1) recurrence in every layer
+                    plan = past_key_values.plan(mask[:, 0])
             else:  # up to each row's last real token
                 lengths = length - (~mask).flip(-1).int().cumprod(-1).sum(-1)
 
@@ -1153,7 +1184,7 @@ class LongVQModel(LongVQPreTrainedModel):
             # same codewords as the forward, although the EMA update below has been applied in between.
             codebook = layer.attention.quantizer.codebook()
             hidden_states, squared_error, code_counts, code_sums = layer(
-                hidden_states, mask, codebook=codebook, past_key_values=past_key_values, lengths=lengths
+                hidden_states, mask, codebook=codebook, past_key_values=past_key_values, lengths=lengths, plan=plan
             )
             squared_errors.append(squared_error)
             counts.append(code_counts)
