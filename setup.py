@@ -17,5 +17,7 @@ setup(
         "tqdm",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
-    entry_points={"console_scripts": ["longvq-demo=longvq.demo:main"]},
+    entry_points={
+        "console_scripts": ["longvq-demo=longvq.demo:main", "longvq-benchmark=longvq.benchmark:main"],
+    },
 )

@@ -94,6 +94,8 @@ class LongVQSequenceNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D); mask: (B, T) bool, True on real tokens."""
+        if isinstance(self.norm, nn.LayerNorm):  # the common case, without a second module call
+            return F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
         if not self.is_batch_norm:
             return self.norm(x)
         if mask is None:
@@ -1049,10 +1051,10 @@ def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise TypeError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+        low, high = torch.aminmax(input_ids) if input_ids.numel() else (0, 0)
+        if low < 0 or high >= config.vocab_size:
             raise ValueError(
-                f"`input_ids` must be in [0, vocab_size={config.vocab_size}), got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+                f"`input_ids` must be in [0, vocab_size={config.vocab_size}), got values in [{int(low)}, {int(high)}]."
             )
         batch, length = input_ids.shape
     else:
