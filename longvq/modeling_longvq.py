@@ -827,6 +827,14 @@ class LongVQGatedAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        # Plain attributes: config attribute access is slow, and decoding runs this forward once per token.
+        self.chunk_size, self.bidirectional, self.normalize_before = (
+            config.chunk_size, config.bidirectional, config.normalize_before,
+        )  # fmt: skip
+        self.dropout, self.hidden_dropout, self.attention_dropout = (
+            config.dropout, config.hidden_dropout, config.attention_dropout,
+        )  # fmt: skip
+        self.norm_eps, self.codebook_size = config.norm_eps, config.codebook_size
         d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size
         self.split_sizes = (d, z, h, d)
         self.norm = LongVQSequenceNorm(config)
@@ -851,21 +859,20 @@ class LongVQGatedAttention(nn.Module):
         last real token), or one step with the shared `plan` of a single-token step. Returns (B, T, D) and the layer
         statistics (None for a single-token step in eval mode, where they would only cost time).
         """
-        config = self.config
         residual = hidden_states
-        x = self.norm(hidden_states, mask) if config.normalize_before else hidden_states
-        value = _dropout(F.silu(self.value_proj(x)), config.hidden_dropout, self.training)
+        x = self.norm(hidden_states, mask) if self.normalize_before else hidden_states
+        value = _dropout(F.silu(self.value_proj(x)), self.hidden_dropout, self.training)
         state = None
         if past_key_values is not None:
             state = past_key_values.layers[self.layer_idx]
             if not state.is_initialized:  # created here, on this layer's device
-                state.initialize(config, x.shape[0], x.device, value.dtype)
-        mixed = _dropout(self.ema(x, mask, state, lengths, plan), config.dropout, self.training)
+                state.initialize(self.config, x.shape[0], x.device, value.dtype)
+        mixed = _dropout(self.ema(x, mask, state, lengths, plan), self.dropout, self.training)
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
         query, key = (shared.unsqueeze(-2) * self.query_key_scale + self.query_key_offset).unbind(-2)
         # Keys live on the sphere of radius sqrt(Z), like the codewords; the query keeps its scale (the temperature).
-        key = F.rms_norm(key, (key.shape[-1],), eps=config.norm_eps)
+        key = F.rms_norm(key, (key.shape[-1],), eps=self.norm_eps)
         statistics_needed = plan is None or self.training
         if statistics_needed:
             codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
@@ -873,24 +880,24 @@ class LongVQGatedAttention(nn.Module):
             codes = self.quantizer.nearest(key, codebook)
         if state is None:
             attention = vq_attention(
-                query, key_quantized, value, codes, codebook, mask, self.position_bias, config.chunk_size,
-                bidirectional=config.bidirectional, dropout=config.attention_dropout, training=self.training,
+                query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size,
+                bidirectional=self.bidirectional, dropout=self.attention_dropout, training=self.training,
             )  # fmt: skip
         elif plan is not None:
-            attention = vq_attention_step(query, value, codes, codebook, self.position_bias, config.chunk_size, state, plan)
+            attention = vq_attention_step(query, value, codes, codebook, self.position_bias, self.chunk_size, state, plan)
         else:
             attention = vq_attention_with_state(
-                query, key_quantized, value, codes, codebook, mask, self.position_bias, config.chunk_size, state,
+                query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, state,
                 past_key_values.positions.to(x.device), lengths.to(x.device),
             )  # fmt: skip
-        gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), config.dropout, self.training)
+        gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.dropout, self.training)
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
-        if not config.normalize_before:
+        if not self.normalize_before:
             out = self.norm(out, mask)
         if not statistics_needed:
             return out, None
         # Key sums feed the codebook update only, so eval forwards skip them.
-        counts, sums = code_statistics(codes, key, mask, config.codebook_size, with_sums=self.training)
+        counts, sums = code_statistics(codes, key, mask, self.codebook_size, with_sums=self.training)
         return out, LongVQLayerStatistics((squared_error * mask).sum(), counts, sums)
 
 
