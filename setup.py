@@ -15,6 +15,7 @@ setup(
         "transformers>=5.23,<6",
         "safetensors>=0.4",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
     entry_points={
