@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from importlib import resources
 
@@ -65,15 +64,12 @@ def evaluate(model: LongVQForCausalLM, windows: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def sample(model: LongVQForCausalLM, prompt: str, num_bytes: int, temperature: float, seed: int) -> str:
-    """Sample bytes one at a time, re-running the full forward on the growing sequence."""
+    """Sample bytes with `generate()`, which decodes with the constant-size LongVQCache."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     ids = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long)
-    for _ in range(num_bytes):
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
-        probabilities = torch.softmax(logits / temperature, dim=-1)
-        ids = torch.cat([ids, torch.multinomial(probabilities, 1, generator=generator)], dim=1)
-    return bytes(ids[0].tolist()).decode("utf-8", errors="replace")
+    out = model.generate(ids, max_new_tokens=num_bytes, do_sample=True, temperature=temperature, top_k=0)
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
 def save_curve(history: list, path: str):
@@ -108,11 +104,6 @@ def main(argv=None):
     parser.add_argument("--sample-bytes", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if argv is None and os.name == "posix" and sys.executable and "OMP_WAIT_POLICY" not in os.environ:
-        # OpenMP threads that spin while they wait make every op ~10x slower when another process shares the cores,
-        # while passive waiting costs little on an idle machine. torch reads the policy when it loads: re-exec.
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        os.execve(sys.executable, [sys.executable, "-m", "longvq.demo", *sys.argv[1:]], env)
     if args.threads:
         torch.set_num_threads(args.threads)
 

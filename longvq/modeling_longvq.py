@@ -488,44 +488,56 @@ def _code_value_sums(codes, values, mask, codebook_size):
     return counts, sums
 
 
-def vq_attention_with_state(query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths):
+def vq_attention_with_state(
+    query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths, fresh
+):
     """Causal VQ-attention of T new tokens that continue a decoding state, block-parallel (prefill, chunked prefill).
 
-    The state's window (the previous and the current block, 2C slots) is placed in front of the new tokens so that
-    each row's new tokens land at their own block phase: row b's first new token has grid position `positions[b]`
-    and goes to index `positions[b] - (last_block - 1) C` of the extended sequence, where `last_block` is the block
-    of its last seen token. The extended sequence then runs through `vq_attention` with the state's memory as
-    initial memory, and the new window and memory are read off it. Updates `state` in place.
+    A state that has seen tokens puts its window (the previous and the current block, 2C slots) in front of the new
+    tokens so that each row's new tokens land at their own block phase: row b's first new token has grid position
+    `positions[b]` and goes to index `positions[b] - (last_block - 1) C` of the extended sequence, where
+    `last_block` is the block of its last seen token; the extended sequence runs through `vq_attention` with the
+    state's memory as initial memory. A fresh state runs `vq_attention` on the tokens alone. Either way the new
+    window and memory are then read off the sequence, and `state` is updated in place.
 
-    query/key (B, T, Z), value (B, T, H), codes (B, T), key_mask (B, T); positions, lengths (B,) long.
-    Returns (B, T, H).
+    query/key (B, T, Z), value (B, T, H), codes (B, T), key_mask (B, T); positions, lengths (B,) long; fresh: the
+    state has seen no token. Returns (B, T, H).
     """
     batch, length = codes.shape
     window = 2 * chunk_size
-    last_block = (positions + chunk_size - 1) // chunk_size - 1  # -1 before the first token
-    start = positions - (last_block - 1) * chunk_size  # in (C, 2C]
-    index = start[:, None] + torch.arange(length, device=codes.device)  # (B, T) into the extended sequence
+    memory_counts, memory_means = state.memory()
+    memory_sums = memory_means * memory_counts.unsqueeze(-1).to(value.dtype)
 
-    def extend(old, new):  # one spare block at the end, so the new window can always be read as 2C slots
-        out = torch.zeros(batch, window + length + chunk_size, *new.shape[2:], device=new.device, dtype=new.dtype)
-        out[:, :window] = old.to(new.dtype)
+    def extend(old, new, before):
+        """[old (before slots) | new at `index` | zeros], with one spare block at the end so that the new window can
+        always be read as 2C slots."""
+        out = torch.zeros(batch, before + length + chunk_size, *new.shape[2:], device=new.device, dtype=new.dtype)
+        if old is not None:
+            out[:, :before] = old.to(new.dtype)
         scatter_index = index.view(batch, length, *([1] * (new.dim() - 2))).expand_as(new)
         return out.scatter(1, scatter_index, new)
 
-    window_codes, window_values, window_mask = state.window()
-    memory_counts, memory_means = state.memory()
-    ext_codes = extend(window_codes, codes)
-    ext_mask = extend(window_mask, key_mask)
-    ext_values = extend(window_values, value)
-    ext_keys = extend(F.embedding(window_codes, codebook), key)
-    ext_query = extend(torch.zeros_like(query[:, :1]).expand(-1, window, -1), query)
-    memory_sums = memory_means * memory_counts.unsqueeze(-1).to(value.dtype)
-    used = slice(0, window + length)
-    out = vq_attention(
-        ext_query[:, used], ext_keys[:, used], ext_values[:, used], ext_codes[:, used], codebook, ext_mask[:, used],
-        position_bias, chunk_size, bidirectional=False, initial_memory=(memory_counts, memory_sums),
-    )  # fmt: skip
-    out = out.gather(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+    if fresh:
+        out = vq_attention(query, key, value, codes, codebook, key_mask, position_bias, chunk_size, bidirectional=False)
+        start = torch.full_like(positions, window)  # read the state off [2C empty slots | tokens | spare block]
+        index = start[:, None] + torch.arange(length, device=codes.device)
+        ext_codes, ext_values, ext_mask = (extend(None, t, window) for t in (codes, value, key_mask))
+    else:
+        last_block = (positions + chunk_size - 1) // chunk_size - 1  # block of the last seen token
+        start = positions - (last_block - 1) * chunk_size  # in (C, 2C]
+        index = start[:, None] + torch.arange(length, device=codes.device)  # (B, T) into the extended sequence
+        window_codes, window_values, window_mask = state.window()
+        ext_codes, ext_values, ext_mask = (
+            extend(old, new, window) for old, new in ((window_codes, codes), (window_values, value), (window_mask, key_mask))
+        )
+        ext_keys = extend(F.embedding(window_codes, codebook), key, window)
+        ext_query = extend(None, query, window)
+        used = slice(0, window + length)
+        out = vq_attention(
+            ext_query[:, used], ext_keys[:, used], ext_values[:, used], ext_codes[:, used], codebook,
+            ext_mask[:, used], position_bias, chunk_size, bidirectional=False, initial_memory=(memory_counts, memory_sums),
+        )  # fmt: skip
+        out = out.gather(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
 
     # New window: the blocks of each row's last token and the one before; everything earlier joins the memory.
     last_index = start + lengths - 1  # = start - 1 (the last old token) when a row adds nothing
@@ -867,12 +879,15 @@ class LongVQGatedAttention(nn.Module):
             state = past_key_values.layers[self.layer_idx]
             if not state.is_initialized:  # created here, on this layer's device
                 state.initialize(self.config, x.shape[0], x.device, value.dtype)
+            fresh = state.ema is None  # read before the EMA below sets it
         mixed = _dropout(self.ema(x, mask, state, lengths, plan), self.dropout, self.training)
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
         query, key = (shared.unsqueeze(-2) * self.query_key_scale + self.query_key_offset).unbind(-2)
-        # Keys live on the sphere of radius sqrt(Z), like the codewords; the query keeps its scale (the temperature).
-        key = F.rms_norm(key, (key.shape[-1],), eps=self.norm_eps)
+        # Keys are centred and scaled to the sphere of radius sqrt(Z), where the codewords live (uncentred keys of
+        # the positive SiLU features crowd into one cap and collapse the codebook); the query keeps its scale, which
+        # acts as the attention temperature.
+        key = F.layer_norm(key, (key.shape[-1],), eps=self.norm_eps)
         statistics_needed = plan is None or self.training
         if statistics_needed:
             codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
@@ -888,7 +903,7 @@ class LongVQGatedAttention(nn.Module):
         else:
             attention = vq_attention_with_state(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, state,
-                past_key_values.positions.to(x.device), lengths.to(x.device),
+                past_key_values.positions.to(x.device), lengths.to(x.device), fresh,
             )  # fmt: skip
         gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.dropout, self.training)
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
