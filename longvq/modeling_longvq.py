@@ -961,8 +961,11 @@ class LongVQBlock(GradientCheckpointingLayer):
 
 
 @dataclass
-class LongVQModelOutput(BaseModelOutputWithPast):
+class LongVQOutputFields:
     r"""
+    The VQ fields every LongVQ output adds to its transformers counterpart (listed first among the bases, so they
+    come after the standard fields and `to_tuple()` keeps the standard order):
+
     commitment_loss (`torch.FloatTensor` of shape `()`):
         Unweighted commitment loss `sum_layers mean_{real tokens} ||k - sg(C_code)||^2`.
     codebook_usage (`torch.FloatTensor` of shape `(num_hidden_layers,)`):
@@ -970,7 +973,7 @@ class LongVQModelOutput(BaseModelOutputWithPast):
     codebook_perplexity (`torch.FloatTensor` of shape `(num_hidden_layers,)`):
         `exp(entropy)` of each layer's code distribution over this batch (S when all codes are equally used).
 
-    The three VQ fields are None for single-token decoding steps in eval mode (one token says nothing about usage).
+    The three are None for single-token decoding steps in eval mode (one token says nothing about usage).
     """
 
     commitment_loss: torch.FloatTensor | None = None
@@ -979,21 +982,18 @@ class LongVQModelOutput(BaseModelOutputWithPast):
 
 
 @dataclass
-class LongVQCausalLMOutput(CausalLMOutputWithPast):
-    r"""`CausalLMOutputWithPast` plus the VQ fields of `LongVQModelOutput`; `loss` includes the weighted commitment."""
-
-    commitment_loss: torch.FloatTensor | None = None
-    codebook_usage: torch.FloatTensor | None = None
-    codebook_perplexity: torch.FloatTensor | None = None
+class LongVQModelOutput(LongVQOutputFields, BaseModelOutputWithPast):
+    r"""`BaseModelOutputWithPast` plus the VQ fields; `past_key_values` is a `LongVQCache`."""
 
 
 @dataclass
-class LongVQSequenceClassifierOutput(SequenceClassifierOutputWithPast):
-    r"""`SequenceClassifierOutputWithPast` plus the VQ fields of `LongVQModelOutput`."""
+class LongVQCausalLMOutput(LongVQOutputFields, CausalLMOutputWithPast):
+    r"""`CausalLMOutputWithPast` plus the VQ fields; `loss` includes the weighted commitment loss."""
 
-    commitment_loss: torch.FloatTensor | None = None
-    codebook_usage: torch.FloatTensor | None = None
-    codebook_perplexity: torch.FloatTensor | None = None
+
+@dataclass
+class LongVQSequenceClassifierOutput(LongVQOutputFields, SequenceClassifierOutputWithPast):
+    r"""`SequenceClassifierOutputWithPast` plus the VQ fields; `loss` includes the weighted commitment loss."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
