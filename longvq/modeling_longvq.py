@@ -883,7 +883,7 @@ class LongVQGatedAttention(nn.Module):
         mixed = _dropout(self.ema(x, mask, state, lengths, plan), self.dropout, self.training)
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
-        query, key = (shared.unsqueeze(-2) * self.query_key_scale + self.query_key_offset).unbind(-2)
+        query, key = torch.addcmul(self.query_key_offset, shared.unsqueeze(-2), self.query_key_scale).unbind(-2)
         # Keys are centred and scaled to the sphere of radius sqrt(Z), where the codewords live (uncentred keys of
         # the positive SiLU features crowd into one cap and collapse the codebook); the query keeps its scale, which
         # acts as the attention temperature.
