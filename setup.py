@@ -16,9 +16,17 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",
+        "huggingface_hub>=1.0",
+        "tokenizers>=0.20",
+        "jinja2",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
     entry_points={
-        "console_scripts": ["longvq-demo=longvq.demo:main", "longvq-benchmark=longvq.benchmark:main"],
+        "console_scripts": [
+            "longvq-demo=longvq.demo:main",
+            "longvq-benchmark=longvq.benchmark:main",
+            "longvq-export=longvq.hub:main",
+            "longvq-card=longvq.model_card:main",
+        ],
     },
 )

@@ -1,0 +1,315 @@
+"""Export LongVQ models as self-contained, `push_to_hub`-ready checkpoints that load with `trust_remote_code=True`.
+
+`export_checkpoint(model, folder, tokenizer=..., card=...)` writes:
+
+* `config.json` whose `auto_map` names all four auto classes (`AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
+  `AutoModelForSequenceClassification`), so any head can be loaded from the same repository;
+* the two remote-code files `configuration_longvq.py` and `modeling_longvq.py` (the package's own source files; they
+  import only the standard library, torch, transformers and each other);
+* `model.safetensors` (sharded with an index above `max_shard_size`) and, for the causal LM, `generation_config.json`;
+* the tokenizer files (`tokenizer.json`, `tokenizer_config.json`) when a tokenizer is given;
+* `README.md` (the model card) when a card is given.
+
+The files are produced by transformers' own mechanism: the config class and the saved model's concrete head class are
+registered with `register_for_auto_class` *for the duration of the save only* (the class attributes are restored
+afterwards, so the local classes do not stay flagged as remote code), `config.auto_map` is pre-filled with the other
+heads (transformers merges its own entries into it), and `save_pretrained` copies the defining module files. The
+result is checked: missing code files or a code file importing the `longvq` package by absolute name raise an error.
+
+`install_in_hub_cache(folder, repo_id, cache_dir)` lays an exported folder out as a Hub-cache snapshot, which is how
+the tests load a checkpoint by repo id (`"org/name"`) with `HF_HUB_OFFLINE=1`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+__all__ = [
+    "AUTO_MAP",
+    "REMOTE_CODE_FILES",
+    "ensure_pad_token",
+    "export_checkpoint",
+    "install_in_hub_cache",
+    "remote_code_auto_map",
+]
+
+CONFIG_MODULE = "configuration_longvq"
+MODELING_MODULE = "modeling_longvq"
+REMOTE_CODE_FILES = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py")
+
+# auto class -> (module file, class name) of the remote code.
+_AUTO_CLASSES = {
+    "AutoConfig": (CONFIG_MODULE, "LongVQConfig"),
+    "AutoModel": (MODELING_MODULE, "LongVQModel"),
+    "AutoModelForCausalLM": (MODELING_MODULE, "LongVQForCausalLM"),
+    "AutoModelForSequenceClassification": (MODELING_MODULE, "LongVQForSequenceClassification"),
+}
+AUTO_MAP = {auto: f"{module}.{name}" for auto, (module, name) in _AUTO_CLASSES.items()}
+# concrete model class name -> the auto class it is registered for while saving.
+_HEAD_AUTO_CLASS = {name: auto for auto, (module, name) in _AUTO_CLASSES.items() if module == MODELING_MODULE}
+
+_MISSING = object()
+
+
+def remote_code_auto_map() -> dict[str, str]:
+    """The `config.json` `auto_map` of an exported checkpoint (a fresh copy)."""
+    return dict(AUTO_MAP)
+
+
+@contextmanager
+def _registered_for_auto_classes(pairs):
+    """Call `cls.register_for_auto_class(auto)` for each `(cls, auto)` pair; restore each class's own `_auto_class`.
+
+    `register_for_auto_class` sets the class attribute `_auto_class`, which also makes `is_remote_code()` true for the
+    class (and, if it were set on a base class, for every subclass). Only concrete classes are registered, and the
+    attribute is put back exactly as it was (removed when the class did not define it), even on error.
+    """
+    saved = [(cls, cls.__dict__.get("_auto_class", _MISSING)) for cls, _ in pairs]
+    try:
+        for cls, auto_class in pairs:
+            cls.register_for_auto_class(auto_class)
+        yield
+    finally:
+        for cls, previous in reversed(saved):
+            if previous is _MISSING:
+                if "_auto_class" in cls.__dict__:
+                    delattr(cls, "_auto_class")
+            else:
+                cls._auto_class = previous
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    from transformers.dynamic_module_utils import get_imports
+
+    return set(get_imports(str(path)))
+
+
+def export_checkpoint(
+    model,
+    save_directory: str | os.PathLike,
+    tokenizer=None,
+    card: ModelCard | str | None = None,
+    *,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write a push_to_hub-ready LongVQ checkpoint folder for `model` (see the module docstring) and return its path.
+
+    Args:
+        model: a `LongVQModel`, `LongVQForCausalLM` or `LongVQForSequenceClassification` (from the installed package
+            or itself loaded with `trust_remote_code=True`).
+        save_directory: target folder (created if needed; existing files with the same names are overwritten).
+        tokenizer: optional tokenizer saved next to the weights (e.g. `longvq.tokenization.byte_tokenizer()`).
+        card: optional model card, a `huggingface_hub.ModelCard` (e.g. from `longvq.model_card.build_model_card`) or
+            markdown text, written as `README.md`.
+        max_shard_size: passed to `save_pretrained`.
+
+    The model and its config are left as they were: `config.auto_map` and the classes' `_auto_class` are restored.
+    Push the folder with `huggingface_hub.upload_folder(repo_id=..., folder_path=save_directory)`.
+    """
+    model_class, config = type(model), model.config
+    config_class = type(config)
+    if model_class.__name__ not in _HEAD_AUTO_CLASS:
+        raise TypeError(
+            f"export_checkpoint expects one of {sorted(_HEAD_AUTO_CLASS)}, got {model_class.__name__} "
+            "(subclasses and the abstract LongVQPreTrainedModel cannot be exported as LongVQ remote code)"
+        )
+    for cls, module in ((model_class, MODELING_MODULE), (config_class, CONFIG_MODULE)):
+        if cls.__module__.rsplit(".", 1)[-1] != module or cls.__module__ == "__main__":
+            raise TypeError(f"{cls.__name__} must be defined in a module named {module}.py, not {cls.__module__}")
+    module_file = Path(sys.modules[model_class.__module__].__file__)
+    if not (module_file.parent / f"{CONFIG_MODULE}.py").is_file():
+        raise FileNotFoundError(f"{CONFIG_MODULE}.py not found next to {module_file}")
+
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+
+    if tokenizer is not None:
+        vocab_size = getattr(config, "vocab_size", None)
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            warnings.warn(
+                f"the tokenizer has {len(tokenizer)} ids but the model's vocab_size is {vocab_size}: ids >= "
+                f"{vocab_size} (e.g. pad_token_id={tokenizer.pad_token_id}) would be out of range; see "
+                "longvq.hub.ensure_pad_token",
+                stacklevel=2,
+            )
+
+    previous_auto_map = config.__dict__.get("auto_map", _MISSING)
+    config.auto_map = remote_code_auto_map()
+    try:
+        pairs = [(config_class, "AutoConfig"), (model_class, _HEAD_AUTO_CLASS[model_class.__name__])]
+        with _registered_for_auto_classes(pairs):
+            model.save_pretrained(save_directory, max_shard_size=max_shard_size)
+    finally:
+        if previous_auto_map is _MISSING:
+            config.__dict__.pop("auto_map", None)
+        else:
+            config.auto_map = previous_auto_map
+
+    _check_export(save_directory, expect_generation_config=model.can_generate())
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+    if card is not None:
+        if isinstance(card, ModelCard):
+            card.save(save_directory / "README.md")
+        else:
+            (save_directory / "README.md").write_text(str(card), encoding="utf-8")
+    return save_directory
+
+
+def _check_export(folder: Path, expect_generation_config: bool) -> None:
+    missing = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise RuntimeError(f"save_pretrained did not copy the remote-code files {missing} into {folder}")
+    for name in REMOTE_CODE_FILES:
+        if "longvq" in _absolute_imports(folder / name):
+            raise RuntimeError(f"{name} imports the longvq package by absolute name; remote code cannot do that")
+    auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map", {})
+    if any(auto_map.get(auto) != target for auto, target in AUTO_MAP.items()):
+        raise RuntimeError(f"config.json auto_map is incomplete: {auto_map}")
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        raise RuntimeError(f"no safetensors weights in {folder}")
+    if expect_generation_config and not (folder / "generation_config.json").is_file():
+        raise RuntimeError(f"no generation_config.json in {folder}")
+
+
+def ensure_pad_token(model, tokenizer) -> bool:
+    """Make a causal LM accept the tokenizer's padding id; returns True if the model was changed.
+
+    A byte-level model trained with `vocab_size=256` has no room for `byte_tokenizer()`'s `<pad>` (id 256), so a padded
+    batch would index past the embedding. This widens the (tied) embedding to `len(tokenizer)` with
+    `resize_token_embeddings` (byte rows untouched; new rows from the mean/covariance of the old ones), records
+    `pad_token_id` in the config and generation config, and adds the new ids to `generation_config.suppress_tokens` so
+    that generation never emits them. Padded positions are masked, so the new rows never influence real tokens.
+    """
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        return False
+    old_size = model.config.vocab_size
+    changed = False
+    if pad_id >= old_size or len(tokenizer) > old_size:
+        model.resize_token_embeddings(len(tokenizer))
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            new_ids = list(range(old_size, len(tokenizer)))
+            generation_config.suppress_tokens = sorted(set(generation_config.suppress_tokens or []) | set(new_ids))
+        changed = True
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_id
+        changed = True
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = pad_id
+        changed = True
+    return changed
+
+
+def _fake_commit(folder: Path) -> str:
+    """A deterministic 40-hex id from the folder's file names and contents."""
+    digest = hashlib.sha1()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def install_in_hub_cache(
+    folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike, commit: str | None = None
+) -> Path:
+    """Copy an exported folder into a Hugging Face Hub cache as if `repo_id` had been downloaded; return the snapshot.
+
+    Layout: `<cache_dir>/models--<org>--<name>/snapshots/<commit>/...` plus `refs/main` holding `<commit>` (a 40-hex
+    id; by default a hash of the files). `cache_dir` is `$HF_HOME/hub` (`HF_HUB_CACHE`); with `HF_HUB_OFFLINE=1`
+    `from_pretrained(repo_id)` then resolves to the snapshot without any network access. Files are copied, not
+    symlinked to `blobs/`, which the offline resolver accepts.
+    """
+    folder = Path(folder)
+    commit = commit or _fake_commit(folder)
+    if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
+        raise ValueError(f"commit must be 40 lowercase hex digits, got {commit!r}")
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(folder, snapshot)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def main(argv=None) -> None:
+    """`python scripts/export_checkpoint.py CHECKPOINT OUT ...`: export a local causal-LM checkpoint for the Hub."""
+    import argparse
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .model_card import build_model_card, demo_recipe, demo_results
+    from .tokenization import BYTE_VOCAB_SIZE, byte_tokenizer
+
+    parser = argparse.ArgumentParser(
+        description="Export a local LongVQ causal-LM checkpoint (e.g. outputs/demo) as a push_to_hub-ready folder: "
+        "remote code, auto_map for all heads, safetensors, generation config, byte tokenizer and model card."
+    )
+    parser.add_argument("checkpoint", help="local checkpoint directory (config.json + model.safetensors)")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--repo-id", default="your-org/longvq", help="Hub repo id used in the card's usage snippet")
+    parser.add_argument("--model-name", default=None, help="card title (default: last part of --repo-id)")
+    parser.add_argument("--results", default=None, help="results JSON for the card (default: <checkpoint>/metrics.json "
+                        "of a longvq-demo run, if present)")  # fmt: skip
+    parser.add_argument("--recipe", default=None, help="JSON file with the training recipe {setting: value}")
+    parser.add_argument("--no-card", action="store_true", help="do not write README.md")
+    parser.add_argument(
+        "--no-pad-token",
+        action="store_true",
+        help="keep a vocab_size=256 model unchanged and export a tokenizer without <pad> (no batch padding); by "
+        "default such a model gets one extra embedding row for <pad> (id 256), never generated",
+    )
+    args = parser.parse_args(argv)
+
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    vocab_size = model.config.vocab_size
+    if vocab_size < BYTE_VOCAB_SIZE:
+        parser.error(f"the byte tokenizer needs vocab_size >= 256, the checkpoint has {vocab_size}")
+    if args.no_pad_token and vocab_size == BYTE_VOCAB_SIZE:
+        tokenizer = byte_tokenizer(pad_token=None)
+    else:
+        tokenizer = byte_tokenizer()
+        if ensure_pad_token(model, tokenizer) and model.config.vocab_size != vocab_size:
+            print(f"vocab_size {vocab_size} -> {model.config.vocab_size}: added <pad> = id {tokenizer.pad_token_id}")
+
+    card = None
+    if not args.no_card:
+        metrics_path = Path(args.checkpoint) / "metrics.json"
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
+        results = args.results or (demo_results(metrics) if metrics else None)
+        if args.recipe:
+            recipe = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
+        else:
+            recipe = demo_recipe(metrics) if metrics else {}
+        pad_note = (
+            f" `{tokenizer.pad_token}` (id {tokenizer.pad_token_id}) pads batches."
+            if tokenizer.pad_token is not None
+            else " There is no padding token."
+        )
+        card = build_model_card(
+            args.model_name or args.repo_id.split("/")[-1],
+            results,
+            recipe,
+            repo_id=args.repo_id,
+            config=model.config,
+            num_parameters=model.num_parameters(),
+            tokenizer_note="The tokenizer maps text to its UTF-8 bytes: ids 0-255 are the bytes." + pad_note,
+        )
+    folder = export_checkpoint(model, args.out, tokenizer=tokenizer, card=card)
+    for path in sorted(folder.iterdir()):
+        print(f"{path.stat().st_size:>10}  {path}")
