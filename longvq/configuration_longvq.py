@@ -42,6 +42,9 @@ class LongVQConfig(PreTrainedConfig):
         vq_commitment_weight (`float`, defaults to 1e-4): weight of the commitment loss added to the training loss.
         codebook_ema_decay (`float`, defaults to 0.99): decay of the exponential-moving-average k-means that learns
             the codebooks.
+        codebook_restart_threshold (`float`, defaults to 0.0): after each training update, a code whose EMA token
+            count has fallen below this value is dead and is re-seeded with a random key of the current batch (the
+            same on every process); 0 disables restarts.
         initializer_range (`float`, defaults to 0.02): std of the normal initialisation of linear layers.
         norm_eps (`float`, defaults to 1e-5): epsilon of the normalisation layers.
         ffn_hidden_size (`int`, *optional*): width of the normalized FFN, defaults to `intermediate_size`.
@@ -88,6 +91,7 @@ class LongVQConfig(PreTrainedConfig):
         truncation: int | None = None,
         vq_commitment_weight: float = 1e-4,
         codebook_ema_decay: float = 0.99,
+        codebook_restart_threshold: float = 0.0,
         initializer_range: float = 0.02,
         norm_eps: float = 1e-5,
         ffn_hidden_size: int | None = None,
@@ -119,6 +123,7 @@ class LongVQConfig(PreTrainedConfig):
         self.truncation = truncation
         self.vq_commitment_weight = vq_commitment_weight
         self.codebook_ema_decay = codebook_ema_decay
+        self.codebook_restart_threshold = codebook_restart_threshold
         self.initializer_range = initializer_range
         self.norm_eps = norm_eps
         self.ffn_hidden_size = ffn_hidden_size
@@ -165,6 +170,8 @@ class LongVQConfig(PreTrainedConfig):
             raise ValueError(f"`vq_commitment_weight` must be >= 0, got {self.vq_commitment_weight!r}.")
         if not (isinstance(self.codebook_ema_decay, (int, float)) and 0.0 <= self.codebook_ema_decay < 1.0):
             raise ValueError(f"`codebook_ema_decay` must be in [0, 1), got {self.codebook_ema_decay!r}.")
+        if not (isinstance(self.codebook_restart_threshold, (int, float)) and self.codebook_restart_threshold >= 0):
+            raise ValueError(f"`codebook_restart_threshold` must be >= 0, got {self.codebook_restart_threshold!r}.")
         for name in ("initializer_range", "norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):

@@ -356,6 +356,14 @@ class LongVQVectorQuantizer(nn.Module):
         return torch.addmm(codeword_norms, keys.flatten(0, -2), codebook.t(), alpha=-2)
 
     @torch.no_grad()
+    def restart_dead_codes(self, threshold: float, candidates: torch.Tensor):
+        """Re-seed every code whose EMA count is below `threshold` with the candidate key of the same index
+        (candidates: (S, Z) random keys of the current batch), as if it had just been assigned that one key."""
+        dead = self.codebook_count < threshold
+        self.codebook_sum.copy_(torch.where(dead[:, None], candidates.to(self.codebook_sum.dtype), self.codebook_sum))
+        self.codebook_count.copy_(torch.where(dead, torch.ones_like(self.codebook_count), self.codebook_count))
+
+    @torch.no_grad()
     def ema_update(self, counts: torch.Tensor, sums: torch.Tensor):
         """counts: (S,), sums: (S, Z): this step's per-code token counts and key sums (real tokens only)."""
         self.codebook_count.mul_(self.decay).add_(counts.to(self.codebook_count.dtype), alpha=1 - self.decay)
@@ -826,6 +834,7 @@ class LongVQLayerStatistics:
     squared_error_sum: torch.Tensor  # () sum over real tokens of ||k - sg(C_code)||^2
     code_counts: torch.Tensor  # (S,) tokens per code
     code_key_sums: torch.Tensor | None  # (S, Z) sum of the keys assigned to each code (training only)
+    restart_keys: torch.Tensor | None  # (S, Z) random real keys to re-seed dead codes (training with restarts only)
 
 
 class LongVQGatedAttention(nn.Module):
@@ -913,7 +922,12 @@ class LongVQGatedAttention(nn.Module):
             return out, None
         # Key sums feed the codebook update only, so eval forwards skip them.
         counts, sums = code_statistics(codes, key, mask, self.codebook_size, with_sums=self.training)
-        return out, LongVQLayerStatistics((squared_error * mask).sum(), counts, sums)
+        restart_keys = None
+        if self.training and self.config.codebook_restart_threshold > 0:  # zeros when the batch has no real token
+            real_keys = key.detach().float()[mask]
+            picks = torch.randint(max(real_keys.shape[0], 1), (self.codebook_size,), device=key.device)
+            restart_keys = real_keys[picks] if real_keys.shape[0] else key.new_zeros(self.codebook_size, key.shape[-1]).float()
+        return out, LongVQLayerStatistics((squared_error * mask).sum(), counts, sums, restart_keys)
 
 
 class LongVQNormalizedFeedForward(nn.Module):
@@ -945,14 +959,14 @@ class LongVQBlock(GradientCheckpointingLayer):
         self.feed_forward = LongVQNormalizedFeedForward(config)
 
     def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None):
-        """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,) and key sums
-        (S, Z) as a flat tuple (gradient checkpointing handles tensors only); the statistics are None for an eval
-        decoding step and the key sums outside training."""
+        """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,), key sums
+        (S, Z) and restart keys (S, Z) as a flat tuple (gradient checkpointing handles tensors only); the statistics
+        are None for an eval decoding step, the key sums outside training, the restart keys unless restarts are on."""
         hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths, plan)
         hidden_states = self.feed_forward(hidden_states, mask)
         if stats is None:
-            return hidden_states, None, None, None
-        return hidden_states, stats.squared_error_sum, stats.code_counts, stats.code_key_sums
+            return hidden_states, None, None, None, None
+        return hidden_states, stats.squared_error_sum, stats.code_counts, stats.code_key_sums, stats.restart_keys
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1202,17 +1216,18 @@ class LongVQModel(LongVQPreTrainedModel):
                 lengths = length - (~mask).flip(-1).int().cumprod(-1).sum(-1)
 
         all_hidden_states = [hidden_states] if output_hidden_states else None
-        squared_errors, counts, sums = [], [], []
+        squared_errors, counts, sums, restart_keys = [], [], [], []
         for layer in self.layers:
             # The codebook is read here, outside the (possibly checkpointed) layer: a recompute in backward sees the
             # same codewords as the forward, although the EMA update below has been applied in between.
             codebook = layer.attention.quantizer.codebook()
-            hidden_states, squared_error, code_counts, code_sums = layer(
+            hidden_states, squared_error, code_counts, code_sums, layer_restart_keys = layer(
                 hidden_states, mask, codebook=codebook, past_key_values=past_key_values, lengths=lengths, plan=plan
             )
             squared_errors.append(squared_error)
             counts.append(code_counts)
             sums.append(code_sums)
+            restart_keys.append(layer_restart_keys)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         if self.norm is not None:
@@ -1226,7 +1241,7 @@ class LongVQModel(LongVQPreTrainedModel):
         if counts[0] is not None:
             counts = torch.stack(counts)  # (L, S)
             if self.training:
-                self._update_codebooks(counts, torch.stack(sums))
+                self._update_codebooks(counts, torch.stack(sums), restart_keys)
             probabilities = counts / counts.sum(-1, keepdim=True).clamp(min=1)
             entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(-1)
             vq_fields = dict(
@@ -1273,8 +1288,9 @@ class LongVQModel(LongVQPreTrainedModel):
         )
 
     @torch.no_grad()
-    def _update_codebooks(self, counts: torch.Tensor, sums: torch.Tensor):
-        """Apply one EMA k-means step to every layer's codebook. counts: (L, S); sums: (L, S, Z).
+    def _update_codebooks(self, counts: torch.Tensor, sums: torch.Tensor, restart_keys: list):
+        """Apply one EMA k-means step to every layer's codebook. counts: (L, S); sums: (L, S, Z); restart_keys: per
+        layer None or (S, Z) random keys of this batch, used to re-seed dead codes.
 
         Design: layers only *report* per-code statistics; this method, called once at the end of each training
         forward of `LongVQModel` (never inside a layer), applies them. Hence
@@ -1283,14 +1299,24 @@ class LongVQModel(LongVQPreTrainedModel):
           - gradient accumulation gets one update per micro-batch forward, like any other forward;
           - eval mode never updates;
           - with torch.distributed initialised, the statistics are summed over all processes first, so every replica
-            applies the same update and the codebooks stay identical (a step counts the tokens of the global batch).
+            applies the same update and the codebooks stay identical (a step counts the tokens of the global batch);
+            restart keys come from process 0's batch, broadcast to all.
+        Restarts happen between forwards, so within a forward the block-wise attention still equals the dense oracle.
         """
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             flat = torch.cat([counts.unsqueeze(-1), sums], dim=-1)
             dist.all_reduce(flat)
             counts, sums = flat[..., 0], flat[..., 1:]
         for layer, layer_counts, layer_sums in zip(self.layers, counts, sums):
             layer.attention.quantizer.ema_update(layer_counts, layer_sums)
+        if restart_keys[0] is None or counts.sum() == 0:
+            return  # restarts are off, or no process saw a real token
+        candidates = torch.stack(restart_keys)
+        if distributed:
+            dist.broadcast(candidates, src=0)
+        for layer, layer_candidates in zip(self.layers, candidates):
+            layer.attention.quantizer.restart_dead_codes(self.config.codebook_restart_threshold, layer_candidates)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -142,10 +142,12 @@ def _replica(rank, world_size, port, config, state, batches, results):
         dist.destroy_process_group()
 
 
-def test_distributed_replicas_keep_identical_codebooks():
-    """Two gloo processes on different data end with the same codebook, equal to one process on the union."""
+@pytest.mark.parametrize("restart_threshold", [0.0, 2.0])  # 2.0: most codes restart every step
+def test_distributed_replicas_keep_identical_codebooks(restart_threshold):
+    """Two gloo processes on different data end with the same codebook, equal to one process on the union (without
+    restarts; restarts re-seed from process 0's keys, broadcast, so replicas still agree bitwise)."""
     torch.manual_seed(6)
-    config = tiny_config()
+    config = tiny_config(codebook_restart_threshold=restart_threshold)
     model = LongVQForCausalLM(config)
     state = copy.deepcopy(model.state_dict())
     batches = [[torch.randint(0, 50, (2, 10)) for _ in range(2)] for _ in range(2)]
@@ -155,6 +157,8 @@ def test_distributed_replicas_keep_identical_codebooks():
     mp.start_processes(_replica, args=(2, port, config, state, batches, results), nprocs=2, start_method="spawn")
     for a, b in zip(results[0], results[1]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    if restart_threshold:
+        return
     single = LongVQForCausalLM(config).train()
     single.load_state_dict(state)
     for step in range(2):
@@ -162,3 +166,26 @@ def test_distributed_replicas_keep_identical_codebooks():
         single(ids, labels=ids)
     for a, b in zip(results[0], _codebooks(single)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_dead_code_restart_recovers_a_collapsed_codebook(threshold):
+    """All codewords but one pushed far away: without restarts every key keeps code 5 and the codebook stays
+    collapsed; with restarts the dead codes are re-seeded from batch keys and usage recovers."""
+    torch.manual_seed(7)
+    model = LongVQForCausalLM(tiny_config(codebook_size=8, codebook_restart_threshold=threshold)).train()
+    for layer in model.model.layers:
+        quantizer = layer.attention.quantizer
+        quantizer.codebook_sum.fill_(1e3)
+        quantizer.codebook_sum[5] = 0.0
+        quantizer.codebook_count.fill_(1e-3)  # dead by any positive threshold...
+        quantizer.codebook_count[5] = 1.0  # ...except code 5
+    ids = torch.randint(0, 50, (4, 24))
+    assert (model(ids).codebook_usage == 1 / 8).all()  # collapsed (this training forward also restarts)
+    for _ in range(3):
+        _train_step(model, torch.randint(0, 50, (4, 24)))
+    usage = model.eval()(ids).codebook_usage
+    if threshold:
+        assert (usage >= 3 / 8).all(), usage
+    else:
+        assert (usage == 1 / 8).all(), usage

@@ -157,6 +157,7 @@ INVALID = [
     (dict(vq_commitment_weight=-1e-4), "vq_commitment_weight"),
     (dict(codebook_ema_decay=1.0), "codebook_ema_decay"),
     (dict(codebook_ema_decay=-0.1), "codebook_ema_decay"),
+    (dict(codebook_restart_threshold=-1.0), "codebook_restart_threshold"),
     (dict(initializer_range=0), "initializer_range"),
     (dict(norm_eps=0), "norm_eps"),
     (dict(truncation=8, bidirectional=False), "truncation"),
