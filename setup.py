@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.23,<6",
+        # 5.24 renamed generate()'s cache argument (`past_key_values` -> `cache`); tested on 5.23 only.
+        "transformers>=5.23,<5.24",
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",
