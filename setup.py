@@ -21,13 +21,14 @@ setup(
         "tokenizers>=0.20",
         "jinja2",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.15", "datasets>=5.2", "peft>=0.21"]},
     entry_points={
         "console_scripts": [
             "longvq-demo=longvq.demo:main",
             "longvq-benchmark=longvq.benchmark:main",
             "longvq-export=longvq.hub:main",
             "longvq-card=longvq.model_card:main",
+            "longvq-train-clm=longvq.training:main",
         ],
     },
 )

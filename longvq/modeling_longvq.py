@@ -1070,6 +1070,14 @@ class LongVQPreTrainedModel(PreTrainedModel):
             bias[d + z : d + z + h] = 1.0
             init.copy_(module.mix_proj.bias, bias)
 
+    def freeze_codebooks(self, frozen: bool = True):
+        """Stop (or, with `frozen=False`, resume) the EMA codebook updates of training-mode forwards, e.g. for LoRA
+        fine-tuning, where an adapter file cannot carry a codebook that moved. Not saved with the model."""
+        for module in self.modules():
+            if hasattr(module, "codebook_updates"):
+                module.codebook_updates = not frozen
+        return self
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # The decoding state is a LongVQ-specific recurrent state, never a key/value DynamicCache.
@@ -1137,6 +1145,7 @@ class LongVQModel(LongVQPreTrainedModel):
         self.layers = nn.ModuleList(LongVQBlock(config, i) for i in range(config.num_hidden_layers))
         # Pre-norm stacks end with a norm; post-norm blocks already end normalised.
         self.norm = LongVQSequenceNorm(config) if config.normalize_before else None
+        self.codebook_updates = True  # see `LongVQPreTrainedModel.freeze_codebooks`
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1240,7 +1249,7 @@ class LongVQModel(LongVQPreTrainedModel):
         vq_fields = {}
         if counts[0] is not None:
             counts = torch.stack(counts)  # (L, S)
-            if self.training:
+            if self.training and self.codebook_updates:
                 self._update_codebooks(counts, torch.stack(sums), restart_keys)
             probabilities = counts / counts.sum(-1, keepdim=True).clamp(min=1)
             entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(-1)
