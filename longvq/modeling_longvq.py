@@ -10,7 +10,7 @@ N ema_projection_size, S codebook_size, C chunk_size.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -1334,11 +1334,8 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _vq_output_fields(outputs: LongVQModelOutput) -> dict:
-    return {
-        "commitment_loss": outputs.commitment_loss,
-        "codebook_usage": outputs.codebook_usage,
-        "codebook_perplexity": outputs.codebook_perplexity,
-    }
+    """The VQ fields of a model output, to pass on to a head's output."""
+    return {field.name: getattr(outputs, field.name) for field in fields(LongVQOutputFields)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
