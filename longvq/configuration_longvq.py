@@ -37,6 +37,9 @@ class LongVQConfig(PreTrainedConfig):
         dropout (`float`, defaults to 0.0): dropout on embeddings, EMA output and block outputs.
         relative_positional_bias (`str`, defaults to `"simple"`): `simple` (one learned scalar per offset) or
             `rotary` (MEGA's rotary bias); applied inside the window only, so there is no maximum length.
+        codebook_memory (`bool`, defaults to `True`): attend to the codebook memory (every key outside the window,
+            grouped by code). `False` keeps the chunk-local window only: the MEGA-chunk ablation of LongVQ, whose
+            queries cannot see further back than the previous block.
         truncation (`int`, *optional*): cap on the EMA kernel length; only for `bidirectional=True` because a
             truncated kernel has no exact recurrence for decoding.
         vq_commitment_weight (`float`, defaults to 1e-4): weight of the commitment loss added to the training loss.
@@ -88,6 +91,7 @@ class LongVQConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         dropout: float = 0.0,
         relative_positional_bias: str = "simple",
+        codebook_memory: bool = True,
         truncation: int | None = None,
         vq_commitment_weight: float = 1e-4,
         codebook_ema_decay: float = 0.99,
@@ -120,6 +124,7 @@ class LongVQConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.dropout = dropout
         self.relative_positional_bias = relative_positional_bias
+        self.codebook_memory = codebook_memory
         self.truncation = truncation
         self.vq_commitment_weight = vq_commitment_weight
         self.codebook_ema_decay = codebook_ema_decay
@@ -151,7 +156,7 @@ class LongVQConfig(PreTrainedConfig):
         for name in ("ffn_hidden_size", "input_dim", "truncation"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
-        for name in ("bidirectional", "normalize_before", "use_cache", "tie_word_embeddings"):
+        for name in ("bidirectional", "codebook_memory", "normalize_before", "use_cache", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         _check_choice("normalization_type", self.normalization_type, NORMALIZATION_TYPES)

@@ -408,6 +408,7 @@ def vq_attention(
     dropout: float = 0.0,
     training: bool = False,
     initial_memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    memory: bool = True,
 ) -> torch.Tensor:
     r"""Exact softmax attention over vector-quantized keys in O(T (2C + S) (Z + H)).
 
@@ -417,6 +418,7 @@ def vq_attention(
         position_bias: maps offsets `i - j` to a bias, added inside the window only.
         initial_memory: causal only, per-code counts (B, S) and value sums (B, S, H) of tokens before the sequence,
             in every block's memory (decoding continues from a cache this way).
+        memory: False attends to the window only (the MEGA-chunk ablation, `config.codebook_memory=False`).
 
     The sequence is cut into blocks of C tokens, counted from index 0. A query in block n sees
       - the window: keys of blocks n-1, n (causal, j <= i) or n-1, n, n+1 (bidirectional), with logit
@@ -456,8 +458,13 @@ def vq_attention(
     if not bidirectional:
         window_allowed = window_allowed & (offsets >= 0)
 
-    # Per-block, per-code token counts and value sums; memory = the blocks outside each block's window.
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # counts and softmax statistics in >= float32
+    if not memory:
+        logits = window_logits.to(softmax_dtype).masked_fill(~window_allowed, torch.finfo(softmax_dtype).min)
+        weights = F.dropout(torch.softmax(logits, dim=-1).to(v.dtype), p=dropout, training=training)
+        return (weights @ v_win).reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
+
+    # Per-block, per-code token counts and value sums; memory = the blocks outside each block's window.
     counts = torch.zeros(batch, num_blocks, s_dim, device=v.device, dtype=softmax_dtype)
     counts = counts.scatter_add_(2, c, m.to(softmax_dtype))
     sums = torch.zeros(batch, num_blocks, s_dim, h_dim, device=v.device, dtype=v.dtype)
@@ -497,7 +504,8 @@ def _code_value_sums(codes, values, mask, codebook_size):
 
 
 def vq_attention_with_state(
-    query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths, fresh
+    query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths, fresh,
+    memory=True,
 ):
     """Causal VQ-attention of T new tokens that continue a decoding state, block-parallel (prefill, chunked prefill).
 
@@ -506,7 +514,8 @@ def vq_attention_with_state(
     `positions[b]` and goes to index `positions[b] - (last_block - 1) C` of the extended sequence, where
     `last_block` is the block of its last seen token; the extended sequence runs through `vq_attention` with the
     state's memory as initial memory. A fresh state runs `vq_attention` on the tokens alone. Either way the new
-    window and memory are then read off the sequence, and `state` is updated in place.
+    window and memory are then read off the sequence, and `state` is updated in place. `memory=False`: window-only
+    attention (the memory is still kept, so the state layout does not depend on the flag).
 
     query/key (B, T, Z), value (B, T, H), codes (B, T), key_mask (B, T); positions, lengths (B,) long; fresh: the
     state has seen no token. Returns (B, T, H).
@@ -526,7 +535,9 @@ def vq_attention_with_state(
         return out.scatter(1, scatter_index, new)
 
     if fresh:
-        out = vq_attention(query, key, value, codes, codebook, key_mask, position_bias, chunk_size, bidirectional=False)
+        out = vq_attention(
+            query, key, value, codes, codebook, key_mask, position_bias, chunk_size, bidirectional=False, memory=memory
+        )
         start = torch.full_like(positions, window)  # read the state off [2C empty slots | tokens | spare block]
         index = start[:, None] + torch.arange(length, device=codes.device)
         ext_codes, ext_values, ext_mask = (extend(None, t, window) for t in (codes, value, key_mask))
@@ -544,6 +555,7 @@ def vq_attention_with_state(
         out = vq_attention(
             ext_query[:, used], ext_keys[:, used], ext_values[:, used], ext_codes[:, used], codebook,
             ext_mask[:, used], position_bias, chunk_size, bidirectional=False, initial_memory=(memory_counts, memory_sums),
+            memory=memory,
         )  # fmt: skip
         out = out.gather(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
 
@@ -572,13 +584,16 @@ class LongVQDecodePlan:
     any_starts_block: bool
 
 
-def vq_attention_step(query, value, codes, codebook, position_bias, chunk_size, state, plan: LongVQDecodePlan):
+def vq_attention_step(
+    query, value, codes, codebook, position_bias, chunk_size, state, plan: LongVQDecodePlan, memory: bool = True
+):
     """Causal VQ-attention for one new token per row against a decoding state, in O(2C + S) per token.
 
     When a row's token starts a new block, the oldest block of its window is folded into the memory and the current
     block becomes the previous one; then the token is written into its slot and attends to window + memory with one
     gather, one softmax and one matmul over the state's joint layout (see `LongVQLayerState`).
-    query (B, 1, Z), value (B, 1, H), codes (B, 1). Updates `state`; returns (B, 1, H).
+    query (B, 1, Z), value (B, 1, H), codes (B, 1). Updates `state`; returns (B, 1, H). `memory=False` attends to the
+    window slots only.
     """
     if plan.any_starts_block:
         window_codes, window_values, window_mask = state.window()
@@ -610,9 +625,12 @@ def vq_attention_step(query, value, codes, codebook, position_bias, chunk_size, 
 
     # logits = q.C_code / sqrt(Z) + [bias(i - j) | log N_s] (+ the empty-slot mask), one softmax over 2C + S.
     scores = (query[:, 0] * query.shape[-1] ** -0.5).float() @ codebook.t()  # (B, S), every key is a codeword
-    logits = scores.gather(1, state.codes) + state.logit_offsets + _decode_bias(position_bias, chunk_size, state)[plan.slot]
+    width = state.codes.shape[1] if memory else 2 * chunk_size
+    slots = state.codes[:, :width]
+    bias = _decode_bias(position_bias, chunk_size, state)[plan.slot, :width]
+    logits = scores.gather(1, slots) + state.logit_offsets[:, :width] + bias
     weights = torch.softmax(logits, dim=-1).to(state.values.dtype)
-    return (weights.unsqueeze(1) @ state.values).to(value.dtype)
+    return (weights.unsqueeze(1) @ state.values[:, :width]).to(value.dtype)
 
 
 def _decode_bias(position_bias, chunk_size, state):
@@ -855,7 +873,7 @@ class LongVQGatedAttention(nn.Module):
         self.dropout, self.hidden_dropout, self.attention_dropout = (
             config.dropout, config.hidden_dropout, config.attention_dropout,
         )  # fmt: skip
-        self.norm_eps, self.codebook_size = config.norm_eps, config.codebook_size
+        self.norm_eps, self.codebook_size, self.codebook_memory = config.norm_eps, config.codebook_size, config.codebook_memory
         d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size
         self.split_sizes = (d, z, h, d)
         self.norm = LongVQSequenceNorm(config)
@@ -906,13 +924,16 @@ class LongVQGatedAttention(nn.Module):
             attention = vq_attention(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size,
                 bidirectional=self.bidirectional, dropout=self.attention_dropout, training=self.training,
+                memory=self.codebook_memory,
             )  # fmt: skip
         elif plan is not None:
-            attention = vq_attention_step(query, value, codes, codebook, self.position_bias, self.chunk_size, state, plan)
+            attention = vq_attention_step(
+                query, value, codes, codebook, self.position_bias, self.chunk_size, state, plan, self.codebook_memory
+            )
         else:
             attention = vq_attention_with_state(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, state,
-                past_key_values.positions.to(x.device), lengths.to(x.device), fresh,
+                past_key_values.positions.to(x.device), lengths.to(x.device), fresh, self.codebook_memory,
             )  # fmt: skip
         gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.dropout, self.training)
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)

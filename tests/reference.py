@@ -5,8 +5,9 @@ import math
 import torch
 
 
-def dense_vq_attention(query, key, value, key_mask, position_bias, chunk_size, bidirectional):
-    """Naive O(T^2) softmax attention over quantized keys, with the positional bias inside the window only.
+def dense_vq_attention(query, key, value, key_mask, position_bias, chunk_size, bidirectional, memory=True):
+    """Naive O(T^2) softmax attention over quantized keys, with the positional bias inside the window only
+    (`memory=False`: keys outside the window are not seen at all, the MEGA-chunk ablation).
 
     query (B, T, Z); key (B, T, Z) quantized keys (straight-through to the raw keys); value (B, T, H);
     key_mask (B, T) bool. Blocks of `chunk_size` are counted from index 0; key j is in the window of query i when
@@ -27,6 +28,8 @@ def dense_vq_attention(query, key, value, key_mask, position_bias, chunk_size, b
     far = query @ key.detach().transpose(-1, -2) / math.sqrt(z_dim)
     logits = torch.where(in_window, near, far)
     allowed = visible & key_mask[:, None, :]
+    if not memory:
+        allowed = allowed & in_window
     logits = logits.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return weights @ value

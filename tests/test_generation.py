@@ -39,8 +39,9 @@ def _left_padded_batch(lengths, width=None, seed=0):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4])
 @pytest.mark.parametrize("bias", ["simple", "rotary"])
-def test_token_by_token_reproduces_the_full_forward(chunk_size, bias):
-    model = _model(chunk_size, relative_positional_bias=bias)
+@pytest.mark.parametrize("memory", [True, False], ids=["memory", "window_only"])
+def test_token_by_token_reproduces_the_full_forward(chunk_size, bias, memory):
+    model = _model(chunk_size, relative_positional_bias=bias, codebook_memory=memory)
     ids, mask = _left_padded_batch([26, 19, 26, 1], seed=chunk_size)
     full = model(ids, attention_mask=mask, use_cache=False).logits
     cache, steps = None, []

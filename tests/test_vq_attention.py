@@ -87,6 +87,22 @@ def test_blockwise_matches_dense_oracle(length, chunk_size, codebook_size, bidir
         torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("length,chunk_size,codebook_size", [(1, 4, 2), (7, 4, 3), (29, 5, 7), (33, 1, 3)])
+def test_window_only_attention_matches_dense_oracle(length, chunk_size, codebook_size, bidirectional):
+    """`memory=False` (the MEGA-chunk ablation) == dense attention restricted to the window, values and gradients."""
+    bias, codebook, codes, raw_keys, query, value, mask = _case(length, chunk_size, codebook_size, bidirectional, "rotary", 5)
+    keys = _quantized(codebook, codes, raw_keys)
+    fast = vq_attention(query, keys, value, codes, codebook, mask, bias, chunk_size, bidirectional, memory=False)
+    slow = dense_vq_attention(query, keys, value, mask, bias, chunk_size, bidirectional, memory=False)
+    real = mask.unsqueeze(-1)
+    torch.testing.assert_close(fast * real, slow * real, atol=1e-5, rtol=1e-5)
+    fast_grads = torch.autograd.grad((fast * real).sum(), [query, value, raw_keys])
+    slow_grads = torch.autograd.grad((slow * real).sum(), [query, value, raw_keys])
+    for g_fast, g_slow in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-5)
+
+
 def test_memory_is_exercised():
     """Guard against a vacuous oracle test: with T >> 2C most attention mass must come through the memory path."""
     length, chunk_size = 64, 4
@@ -94,12 +110,7 @@ def test_memory_is_exercised():
     mask[:] = True
     keys = _quantized(codebook, codes, raw_keys)
     full = vq_attention(query, keys, value, codes, codebook, mask, bias, chunk_size, False)
-    # Attention restricted to the window (no memory) must differ clearly at late positions.
-    positions = torch.arange(length)
-    gap = positions[:, None] // chunk_size - positions[None, :] // chunk_size
-    window_only_mask = (gap >= 0) & (gap <= 1) & (positions[:, None] >= positions[None, :])
-    logits = (query @ keys.transpose(-1, -2)) / 8**0.5 + bias(positions[:, None] - positions[None, :])
-    window_only = torch.softmax(logits.masked_fill(~window_only_mask, float("-inf")), -1) @ value
+    window_only = vq_attention(query, keys, value, codes, codebook, mask, bias, chunk_size, False, memory=False)
     assert (full[:, 3 * chunk_size :] - window_only[:, 3 * chunk_size :]).abs().max() > 0.1
 
 
