@@ -23,3 +23,21 @@ def tiny_config():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (e.g. the 64K-token pass)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running; skipped unless --runslow or -m slow is given")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `python -m pytest -q tests` (CI) skips slow tests; `--runslow` or a -m expression naming them runs them.
+    if config.getoption("--runslow") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -63,3 +63,30 @@ def ema_recurrence(ema, x):
     backward = run(x.flip(1), slice(dim, 2 * dim)).flip(1)  # backward[t] = sum_{s >= t} K2[s - t] x_s
     shifted = torch.cat([backward[:, 1:], torch.zeros_like(backward[:, :1])], dim=1)
     return forward + shifted
+
+
+def dense_vq_attention_rows(query, key, value, key_mask, position_bias, chunk_size, bidirectional, rows, memory=True):
+    """`dense_vq_attention` for the query positions `rows` only, in O(R T) instead of O(T^2) time and memory, for
+    checking very long sequences at sampled positions.
+
+    Same arguments as `dense_vq_attention` plus rows (R,) long. Returns (B, R, H): row r is the attention output at
+    position rows[r].
+    """
+    length, z_dim = query.shape[1], query.shape[-1]
+    positions = torch.arange(length)
+    offsets = rows[:, None] - positions[None, :]  # (R, T): i - j
+    block_gap = rows[:, None] // chunk_size - positions[None, :] // chunk_size
+    if bidirectional:
+        in_window = block_gap.abs() <= 1
+        visible = torch.ones(len(rows), length, dtype=torch.bool)
+    else:
+        in_window = (block_gap == 0) | (block_gap == 1)
+        visible = offsets >= 0
+    scores = query[:, rows] @ key.transpose(-1, -2) / math.sqrt(z_dim)
+    logits = torch.where(in_window, scores + position_bias(offsets), scores)
+    allowed = visible & key_mask[:, None, :]
+    if not memory:
+        allowed = allowed & in_window
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return weights @ value
