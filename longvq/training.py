@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from .configuration_longvq import LongVQConfig
 from .modeling_longvq import LongVQForCausalLM, LongVQForSequenceClassification
@@ -214,6 +216,85 @@ def codebooks_frozen(model: torch.nn.Module) -> bool:
     return all(not stack.codebook_updates for stack in _longvq_stacks(model))
 
 
+class CodebookHealthCallback(TrainerCallback):
+    """Adds codebook health to every training log of a `Trainer`, from the code assignments of all real training
+    tokens this process saw since the previous log (every micro-batch forward in training mode):
+
+    - `codebook_usage_layer{i}`: fraction of layer i's S codes assigned at least one token;
+    - `codebook_perplexity_layer{i}`: `exp(entropy)` of layer i's code assignment frequencies (S when all codes are
+      used equally, 1 when the codebook has collapsed onto one code);
+    - `codebook_usage`, `codebook_perplexity`: their means over layers.
+
+    The counts are the per-code statistics each layer reports (`LongVQLayerStatistics.code_counts`), collected by
+    forward hooks registered at `on_train_begin`; forwards replayed by activation checkpointing in the backward pass
+    are not counted twice. Values are added to the `logs` dict and to `state.log_history`; reporting callbacks see
+    them if this callback comes before them (`train_causal_lm` puts it first).
+    """
+
+    def __init__(self):
+        self._counts: list[torch.Tensor | None] = []
+        self._handles: list = []
+        self._in_forward = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._remove_hooks()
+        stacks = _longvq_stacks(model)
+        layers = [layer.attention for stack in stacks for layer in stack.layers]
+        self._counts = [None] * len(layers)
+        for stack in stacks:
+            self._handles.append(stack.register_forward_pre_hook(self._enter))
+            self._handles.append(stack.register_forward_hook(self._leave))
+        for index, attention in enumerate(layers):
+            self._handles.append(attention.register_forward_hook(partial(self._collect, index)))
+
+    def _enter(self, module, args):
+        self._in_forward = module.training
+
+    def _leave(self, module, args, output):
+        self._in_forward = False  # checkpoint recomputes during backward run outside the stack's forward
+
+    def _collect(self, index, module, args, output):
+        statistics = output[1]
+        if not self._in_forward or statistics is None:
+            return
+        counts = statistics.code_counts.detach().float().cpu()
+        self._counts[index] = counts if self._counts[index] is None else self._counts[index] + counts
+
+    def metrics(self) -> dict[str, float]:
+        """The health metrics of the tokens collected so far ({} if none), without resetting them."""
+        if not self._counts or any(counts is None for counts in self._counts):
+            return {}
+        logs = {}
+        usages, perplexities = [], []
+        for index, counts in enumerate(self._counts):
+            probabilities = counts / counts.sum().clamp(min=1)
+            entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum()
+            usages.append(float((counts > 0).float().mean()))
+            perplexities.append(float(entropy.exp()))
+            logs[f"codebook_usage_layer{index}"] = usages[-1]
+            logs[f"codebook_perplexity_layer{index}"] = perplexities[-1]
+        logs["codebook_usage"] = sum(usages) / len(usages)
+        logs["codebook_perplexity"] = sum(perplexities) / len(perplexities)
+        return logs
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:  # training logs only, not evaluation or the final summary
+            return
+        health = self.metrics()
+        self._counts = [None] * len(self._counts)
+        logs.update(health)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(health)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hooks()
+
+    def _remove_hooks(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # PEFT
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,6 +389,8 @@ def train_causal_lm(
         resume_from_checkpoint: a `checkpoint-<step>` folder, or True for the latest one in `output_dir`; model
             weights, codebook buffers, optimizer, scheduler, RNG states and the data position are restored.
         evaluate: run a final evaluation on the validation split.
+        callbacks: extra `TrainerCallback`s. A `CodebookHealthCallback` is always added (first, so that reporting
+            callbacks see its values) unless one is passed: training logs carry codebook usage and perplexity.
         **training_arguments: any other `TrainingArguments` field (e.g. `ddp_broadcast_buffers`, `fsdp`, `bf16`).
 
     Evaluation reports `eval_loss` (cross-entropy plus the weighted commitment loss), `eval_cross_entropy`,
@@ -367,6 +450,13 @@ def train_causal_lm(
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks,
     )
+    # Codebook health in every training log, ahead of the printing/reporting callbacks so that they include it.
+    health = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CodebookHealthCallback)), None)
+    if health is None:
+        health = CodebookHealthCallback()
+    else:
+        trainer.callback_handler.callbacks.remove(health)
+    trainer.callback_handler.callbacks.insert(0, health)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     run = TrainingRun(trainer=trainer, train_metrics=dict(result.metrics))
     if evaluate:
@@ -558,6 +648,7 @@ def main(argv=None):
 
 __all__ = [
     "LORA_TARGET_MODULES",
+    "CodebookHealthCallback",
     "TrainingRun",
     "byte_classification_datasets",
     "byte_lm_config",
