@@ -226,3 +226,63 @@ def test_raw_audio_2d_needs_input_dim_one(tiny_config):
     model = LongVQModel(tiny_config(input_dim=3))
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.randn(B, 20))
+
+
+# name -> (model kwargs builder, exception type, message fragment), for LongVQForCausalLM
+BAD_LABELS = {
+    "label_id_equal_vocab_size": (lambda: torch.full((B, T), VOCAB), ValueError, "vocab_size"),
+    "negative_label_id": (lambda: torch.full((B, T), -5), ValueError, "-100"),
+    "float_labels": (lambda: torch.zeros(B, T), TypeError, "labels"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LABELS))
+def test_causal_lm_rejects_label_ids_out_of_range(tiny_config, case):
+    """Cross-entropy would raise an IndexError deep inside on CPU and a device-side assert on GPU."""
+    make_labels, error, fragment = BAD_LABELS[case]
+    model = LongVQForCausalLM(tiny_config())
+    with pytest.raises(error, match=fragment):
+        model(_ids(), labels=make_labels())
+    ignored = torch.full((B, T), -100)
+    ignored[:, 1] = 3  # position 0 is never a target (labels are shifted)
+    assert torch.isfinite(model(_ids(), labels=ignored).loss)  # -100 stays allowed
+
+
+@pytest.mark.parametrize(
+    "problem_type, labels, fragment",
+    [
+        ("single_label_classification", torch.tensor([0, 3]), "num_labels=3"),
+        ("single_label_classification", torch.tensor([-1, 0]), "num_labels=3"),
+        ("multi_label_classification", torch.zeros(B, 2), r"\(batch, num_labels=3\)"),
+        ("regression", torch.zeros(B, 3, 1), r"\(batch, num_labels=3\)"),
+    ],
+    ids=["class_id_too_large", "negative_class_id", "multi_label_wrong_width", "3d_regression_targets"],
+)
+def test_classifier_rejects_malformed_labels(tiny_config, problem_type, labels, fragment):
+    model = LongVQForSequenceClassification(tiny_config(num_labels=3, problem_type=problem_type))
+    with pytest.raises(ValueError, match=fragment):
+        model(_ids(), labels=labels)
+
+
+def test_cache_of_the_wrong_kind_or_configuration_is_refused(tiny_config):
+    from transformers import DynamicCache
+
+    from longvq import LongVQCache
+
+    model = LongVQForCausalLM(tiny_config()).eval()
+    for foreign in ((torch.zeros(1),), [torch.zeros(1)], "cache"):  # legacy tuples, lists, anything else
+        with pytest.raises(TypeError, match="must be a LongVQCache"):
+            model(_ids(), past_key_values=foreign)
+    filled = DynamicCache()
+    filled.update(torch.zeros(B, 1, 3, 4), torch.zeros(B, 1, 3, 4), layer_idx=0)
+    with pytest.raises(TypeError, match="must be a LongVQCache"):  # a non-empty key/value cache
+        model(_ids(), past_key_values=filled)
+    # A LongVQCache of another model: would fail deep inside a layer, or skip layers silently.
+    for field, value in (("hidden_size", 48), ("num_hidden_layers", 1), ("codebook_size", 4), ("chunk_size", 8)):
+        other = LongVQForCausalLM(tiny_config(**{field: value})).eval()
+        with torch.no_grad():
+            cache = other(_ids(), use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=f"its {field} is {value}"):
+            model(_ids(), past_key_values=cache)
+        with pytest.raises(ValueError, match=f"its {field} is {value}"):  # also before it holds anything
+            model(_ids(), past_key_values=LongVQCache(other.config))
