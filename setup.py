@@ -29,6 +29,9 @@ setup(
             "longvq-export=longvq.hub:main",
             "longvq-card=longvq.model_card:main",
             "longvq-train-clm=longvq.training:main",
+            "longvq-train=longvq.experiments:train_main",
+            "longvq-eval=longvq.experiments:evaluate_main",
+            "longvq-compare=longvq.experiments:compare_main",
         ],
     },
 )
