@@ -20,8 +20,10 @@ setup(
         "huggingface_hub>=1.0",
         "tokenizers>=0.20",
         "jinja2",
+        "datasets>=5.2",  # task builders and the training CLI
+        "accelerate>=1.15",  # Trainer needs it
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.15", "datasets>=5.2", "peft>=0.21"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "peft>=0.21"]},
     entry_points={
         "console_scripts": [
             "longvq-demo=longvq.demo:main",

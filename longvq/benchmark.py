@@ -1,19 +1,27 @@
-"""Benchmarks of LongVQ against same-width transformers baselines, measured side by side in one process.
+"""Benchmarks of LongVQ against same-width transformers baselines (HF Llama with SDPA attention, HF Mamba), measured
+side by side in one run.
 
+`train`: training throughput (forward + backward tokens/s, batch 1) and peak training memory versus sequence length,
+    each point in a fresh process (so its peak resident memory is its own), plus LongVQ's achieved FLOP/s against this
+    machine's measured fp32 matmul peak (`FLOP model` in `longvq_train_flops`).
 `decode`: per-token latency and decoding-state bytes versus context length, LongVQ (`LongVQCache`) against HF Llama
-(SDPA attention, `DynamicCache`). Each context is prefilled once (not timed per token), then `steps` single-token
-steps are timed and the median is reported.
+    (SDPA attention, `DynamicCache`). Each context is prefilled once (not timed per token), then `steps` single-token
+    steps are timed and the median is reported.
+`all`: both, into one folder (JSON, PNG plots) with one summary of the targets.
 """
 
 import argparse
 import json
 import os
+import resource
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from .configuration_longvq import LongVQConfig
 from .modeling_longvq import LongVQForCausalLM
@@ -21,24 +29,222 @@ from .modeling_longvq import LongVQForCausalLM
 DEFAULT_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def build_models(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
-    """A LongVQ causal LM and an HF Llama of the same width and depth (Llama's SwiGLU width ~ 8/3 D, heads of 64)."""
+def longvq_config(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, **overrides):
+    """The benchmarked LongVQ: H = 2D, Z = D/4, N = 16."""
+    return LongVQConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
+        shared_representation_size=hidden_size // 4, chunk_size=chunk_size, codebook_size=codebook_size, **overrides,
+    )  # fmt: skip
+
+
+def build_model(name, hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
+    """One benchmarked model: `longvq`, `llama` (same width and depth, SwiGLU width ~ 8/3 D, heads of 64, SDPA) or
+    `mamba` (same width and depth, state 16, expansion 2; HF's reference PyTorch path on CPU)."""
     torch.manual_seed(seed)
-    longvq = LongVQForCausalLM(
-        LongVQConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-            intermediate_size=2 * hidden_size, shared_representation_size=hidden_size // 4, chunk_size=chunk_size,
-            codebook_size=codebook_size,
+    if name == "longvq":
+        return LongVQForCausalLM(longvq_config(hidden_size, num_layers, vocab_size, chunk_size, codebook_size))
+    if name == "llama":
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                intermediate_size=int(8 * hidden_size / 3), num_attention_heads=max(1, hidden_size // 64),
+                max_position_embeddings=1 << 20, attn_implementation="sdpa",
+            )
+        )  # fmt: skip
+    if name == "mamba":
+        return MambaForCausalLM(
+            MambaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, state_size=16)
         )
+    raise ValueError(f"Unknown model {name!r}: expected 'longvq', 'llama' or 'mamba'.")
+
+
+def build_models(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
+    """LongVQ and Llama (see `build_model`) for the decode benchmark, in eval mode."""
+    sizes = dict(
+        hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, chunk_size=chunk_size,
+        codebook_size=codebook_size, seed=seed,
     )  # fmt: skip
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-            intermediate_size=int(8 * hidden_size / 3), num_attention_heads=max(1, hidden_size // 64),
-            max_position_embeddings=1 << 20, attn_implementation="sdpa",
-        )
+    return {name: build_model(name, **sizes).eval() for name in ("longvq", "llama")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training throughput, peak memory and FLOP/s
+# ---------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_TRAIN_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+DEFAULT_MAMBA_LENGTHS = (256, 1024)  # HF Mamba's CPU path scans token by token: minutes per step beyond this
+TRAIN_MODELS = ("longvq", "longvq+ckpt", "llama", "llama+ckpt", "mamba")  # "+ckpt": activation checkpointing on
+
+
+@dataclass
+class TrainResult:
+    model: str
+    length: int
+    hidden_size: int
+    parameters: int
+    seconds_per_step: float  # median forward + backward wall time, batch 1
+    tokens_per_second: float
+    system_seconds_per_step: float  # kernel time (page faults) per step, both threads together
+    peak_memory_bytes: int  # peak resident memory while training minus resident memory before the first step
+    flops_per_step: float | None = None  # LongVQ only: `longvq_train_flops`
+    achieved_flops: float | None = None  # flops_per_step / seconds_per_step
+
+
+def longvq_train_flops(config: LongVQConfig, length: int) -> float:
+    """FLOP model of one LongVQ forward + backward over `length` tokens (backward = 2x forward, so 3x forward).
+
+    Counted: every matmul, 2 FLOPs per multiply-add. Per token and layer, the projections D->H (values),
+    D->2D+Z+H (gates, shared, reset, hidden), H->D (output), D->F->D (FFN); the attention logits over the 2C window
+    keys and the S codewords (Z each) and the weighted sum over 2C window values and S memory means (H each); plus
+    the D->V LM head per token. Not counted: the EMA (FFT convolution, O(T log T) per channel), norms, activations,
+    softmax and the per-block code statistics, so achieved/peak is a lower bound of the hardware use.
+    """
+    d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size
+    ffn = config.ffn_hidden_size or h
+    projections = d * h + d * (2 * d + z + h) + h * d + 2 * d * ffn
+    attention = 2 * config.chunk_size * z + config.codebook_size * z + (2 * config.chunk_size + config.codebook_size) * h
+    per_token = config.num_hidden_layers * (projections + attention) + d * config.vocab_size
+    return 3 * 2 * per_token * length
+
+
+def measure_matmul_peak(size: int = 4096, repeats: int = 5) -> float:
+    """This machine's fp32 matmul FLOP/s: the best of `repeats` (size x size) @ (size x size) products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_train_point(
+    name: str, length: int, hidden_size: int = 256, num_layers: int = 4, min_seconds: float = 3.0,
+    max_steps: int = 5, seed: int = 0,
+) -> TrainResult:
+    """Time forward + backward of one model on one random batch of `length` tokens, in this process: one warm-up
+    step, then steps until `min_seconds` have passed (at most `max_steps`); the median step is reported. Peak memory
+    is this process's high-water resident memory over the steps, less its resident memory before them."""
+    base, _, checkpointing = name.partition("+")
+    model = build_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    baseline = _resident_bytes()
+
+    def step():
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    times, system = [], 0.0
+    while len(times) < max(1, max_steps) and (sum(times) < min_seconds or not times):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+        system += resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    seconds = sorted(times)[len(times) // 2]
+    flops = longvq_train_flops(model.config, length) if base == "longvq" else None
+    return TrainResult(
+        model=name, length=length, hidden_size=hidden_size, parameters=sum(p.numel() for p in model.parameters()),
+        seconds_per_step=seconds, tokens_per_second=length / seconds, system_seconds_per_step=system / len(times),
+        peak_memory_bytes=max(peak, 0), flops_per_step=flops, achieved_flops=flops / seconds if flops else None,
     )  # fmt: skip
-    return {"longvq": longvq.eval(), "llama": llama.eval()}
+
+
+def run_train_point(name: str, length: int, **kwargs) -> TrainResult:
+    """`measure_train_point` in a fresh Python process, so that each point's peak memory is its own."""
+    command = [sys.executable, "-m", "longvq.benchmark", "train-point", name, str(length), json.dumps(kwargs)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark point {name} @ {length} failed:\n{done.stderr[-2000:]}")
+    return TrainResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def run_train(
+    lengths=DEFAULT_TRAIN_LENGTHS, models=TRAIN_MODELS, mamba_lengths=DEFAULT_MAMBA_LENGTHS, max_llama_length=None,
+    **kwargs,
+) -> list[TrainResult]:
+    """Every (model, length) point, shortest first; Mamba only at `mamba_lengths`, Llama up to `max_llama_length`."""
+    work = []
+    for name in models:
+        model_lengths = mamba_lengths if name == "mamba" else lengths
+        if name.startswith("llama") and max_llama_length:
+            model_lengths = [n for n in model_lengths if n <= max_llama_length]
+        work += [(name, n) for n in model_lengths]
+    work.sort(key=lambda point: (point[1], models.index(point[0])))
+    results = []
+    for name, length in (progress := tqdm(work, desc="train benchmark")):
+        progress.set_postfix_str(f"{name} @ {length}")
+        results.append(run_train_point(name, length, **kwargs))
+    return results
+
+
+def train_table(results: list[TrainResult]) -> str:
+    """Markdown table: tokens/s and peak memory (MiB) of every model per length, and LongVQ's FLOP/s."""
+    names = [n for n in TRAIN_MODELS if any(r.model == n for r in results)]
+    by_key = {(r.model, r.length): r for r in results}
+    header = "| length | " + " | ".join(f"{n} tok/s" for n in names) + " | "
+    header += " | ".join(f"{n} MiB" for n in names) + " | LongVQ GFLOP/s |"
+    lines = [header, "|" + "---:|" * (2 * len(names) + 2)]
+    for length in sorted({r.length for r in results}):
+        row = [by_key.get((n, length)) for n in names]
+        speed = [f"{r.tokens_per_second:.0f}" if r else "-" for r in row]
+        memory = [f"{r.peak_memory_bytes / 2**20:.0f}" if r else "-" for r in row]
+        ours = by_key.get(("longvq", length))
+        flops = f"{ours.achieved_flops / 1e9:.0f}" if ours and ours.achieved_flops else "-"
+        lines.append(f"| {length} | " + " | ".join(speed + memory) + f" | {flops} |")
+    return "\n".join(lines)
+
+
+def train_targets(results: list[TrainResult], matmul_peak: float, flops_point: TrainResult | None = None) -> dict:
+    """The training targets of the project as ratios from this run (None where a point was not measured)."""
+    by_key = {(r.model, r.length): r for r in results}
+
+    def ratio(a, b, length_a, length_b=None):
+        first, second = by_key.get((a, length_a)), by_key.get((b, length_b or length_a))
+        return first.tokens_per_second / second.tokens_per_second if first and second else None
+
+    def memory_ratio(a, b, length):
+        first, second = by_key.get((a, length)), by_key.get((b, length))
+        return first.peak_memory_bytes / second.peak_memory_bytes if first and second else None
+
+    targets = {
+        "longvq_tokens_per_s_65536_over_1024": ratio("longvq", "longvq", 65536, 1024),
+        "longvq_over_llama_tokens_per_s_at_1024": ratio("longvq", "llama", 1024),
+        "longvq_over_llama_tokens_per_s_at_16384": ratio("longvq", "llama", 16384),
+        "longvq_over_llama_tokens_per_s_at_65536": ratio("longvq", "llama", 65536),
+        "longvq_over_mamba_tokens_per_s_at_1024": ratio("longvq", "mamba", 1024),
+        "longvq_over_llama_peak_memory_at_16384": memory_ratio("longvq", "llama", 16384),
+        "longvq_ckpt_over_llama_peak_memory_at_16384": memory_ratio("longvq+ckpt", "llama", 16384),
+        "longvq_ckpt_over_llama_ckpt_peak_memory_at_16384": memory_ratio("longvq+ckpt", "llama+ckpt", 16384),
+        "matmul_peak_gflops": matmul_peak / 1e9,
+    }
+    if flops_point is not None:
+        key = f"longvq_d{flops_point.hidden_size}_at_{flops_point.length}_fraction_of_matmul_peak"
+        targets[key] = flops_point.achieved_flops / matmul_peak
+    return targets
+
+
+def plot_train(results: list[TrainResult], path: str):
+    """Log-log tokens/s and peak memory versus length, one line per model."""
+    plt = _pyplot()
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in TRAIN_MODELS:
+        rows = sorted((r for r in results if r.model == name and r.hidden_size == results[0].hidden_size), key=lambda r: r.length)
+        if rows:
+            lengths = [r.length for r in rows]
+            speed.plot(lengths, [r.tokens_per_second for r in rows], marker="o", label=name)
+            memory.plot(lengths, [max(r.peak_memory_bytes, 1) / 2**20 for r in rows], marker="o", label=name)
+    _style_axes(plt, figure, path, (speed, "Training throughput (fwd + bwd)", "tokens / s"), (memory, "Peak training memory", "MiB"), "sequence length (tokens)")
 
 
 def state_bytes(cache) -> int:
@@ -123,21 +329,32 @@ def decode_targets(results: list[DecodeResult]) -> dict:
 
 
 def plot_decode(results: list[DecodeResult], path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for name, label in (("longvq", "LongVQ (LongVQCache)"), ("llama", "Llama SDPA (KV cache)")):
         rows = sorted((r for r in results if r.model == name), key=lambda r: r.context)
         contexts = [r.context for r in rows]
         latency.plot(contexts, [r.ms_per_token for r in rows], marker="o", label=label)
         memory.plot(contexts, [r.state_bytes / 2**20 for r in rows], marker="o", label=label)
-    for axis, title, unit in ((latency, "Per-token decode latency", "ms / token"), (memory, "Decoding state", "MiB")):
+    _style_axes(plt, figure, path, (latency, "Per-token decode latency", "ms / token"), (memory, "Decoding state", "MiB"), "context length (tokens)")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style_axes(plt, figure, path, *panels_and_xlabel):
+    """Log-log axes with titles, units, grid and legend; saves the figure to `path`."""
+    *panels, xlabel = panels_and_xlabel
+    for axis, title, unit in panels:
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
-        axis.set_xlabel("context length (tokens)")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel(unit)
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
@@ -147,35 +364,103 @@ def plot_decode(results: list[DecodeResult], path: str):
     plt.close(figure)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="longvq-benchmark", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="mode", required=True)
-    decode = sub.add_parser("decode", help="per-token decode latency and state bytes versus context length")
-    decode.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
-    decode.add_argument("--steps", type=int, default=32, help="timed decoding steps per context (median reported)")
-    decode.add_argument("--hidden-size", type=int, default=256)
-    decode.add_argument("--layers", type=int, default=4)
-    decode.add_argument("--chunk-size", type=int, default=256)
-    decode.add_argument("--codebook-size", type=int, default=256)
-    decode.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    decode.add_argument("--out", default="outputs/benchmark", help="folder for decode.json and decode.png")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _print_targets(targets: dict):
+    for name, value in targets.items():
+        print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
+
+
+def _train(args) -> dict:
+    sizes = {"hidden_size": args.hidden_size, "num_layers": args.layers, "min_seconds": args.min_seconds}
+    sizes["threads"] = args.threads
+    results = run_train(args.lengths, tuple(args.models), args.mamba_lengths, args.max_llama_length, **sizes)
+    flops_point = None
+    if args.flops_hidden_size:
+        flops_sizes = {**sizes, "hidden_size": args.flops_hidden_size}
+        flops_point = run_train_point("longvq", args.flops_length, **flops_sizes)
+    peak = measure_matmul_peak()
+    targets = train_targets(results, peak, flops_point)
+    plot_train(results, os.path.join(args.out, "train.png"))
+    print(train_table(results))
+    if flops_point is not None:
+        print(
+            f"\nLongVQ D={flops_point.hidden_size} at {flops_point.length}: {flops_point.achieved_flops / 1e9:.0f} GFLOP/s "
+            f"achieved, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"
+        )
+    return {
+        "results": [asdict(r) for r in results],
+        "flops_point": asdict(flops_point) if flops_point else None,
+        "targets": targets,
+    }
+
+
+def _decode(args) -> dict:
     results = run_decode(
         args.contexts, args.steps, hidden_size=args.hidden_size, num_layers=args.layers, chunk_size=args.chunk_size,
         codebook_size=args.codebook_size,
     )  # fmt: skip
-    targets = decode_targets(results)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump({"results": [asdict(r) for r in results], "targets": targets, "args": vars(args)}, f, indent=2)
     plot_decode(results, os.path.join(args.out, "decode.png"))
     print(decode_table(results))
+    return {"results": [asdict(r) for r in results], "targets": decode_targets(results)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longvq-benchmark", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    modes = {
+        "train": sub.add_parser("train", help="training tokens/s, peak memory and FLOP/s versus length"),
+        "decode": sub.add_parser("decode", help="per-token decode latency and state bytes versus context length"),
+        "all": sub.add_parser("all", help="train and decode, one summary"),
+    }
+    for name, mode in modes.items():
+        mode.add_argument("--hidden-size", type=int, default=256)
+        mode.add_argument("--layers", type=int, default=4)
+        mode.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+        mode.add_argument("--out", default="outputs/benchmark", help="folder for the JSON file and PNG plots")
+        if name in ("train", "all"):
+            mode.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_TRAIN_LENGTHS))
+            mode.add_argument("--models", nargs="+", default=list(TRAIN_MODELS), choices=TRAIN_MODELS)
+            mode.add_argument("--mamba-lengths", type=int, nargs="+", default=list(DEFAULT_MAMBA_LENGTHS))
+            mode.add_argument("--max-llama-length", type=int, default=None, help="skip longer Llama points")
+            mode.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per point (>= 1 step)")
+            mode.add_argument("--flops-hidden-size", type=int, default=512, help="width of the FLOP/s point (0: skip)")
+            mode.add_argument("--flops-length", type=int, default=16384)
+        if name in ("decode", "all"):
+            mode.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
+            mode.add_argument("--steps", type=int, default=32, help="timed decoding steps per context (median)")
+            mode.add_argument("--chunk-size", type=int, default=256)
+            mode.add_argument("--codebook-size", type=int, default=256)
+    point = sub.add_parser("train-point", help=argparse.SUPPRESS)  # one measurement, run by `run_train_point`
+    point.add_argument("name")
+    point.add_argument("length", type=int)
+    point.add_argument("options", help="JSON keyword arguments of measure_train_point (plus threads)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.mode == "train-point":
+        options = json.loads(args.options)
+        threads = options.pop("threads", None)
+        if threads:
+            torch.set_num_threads(threads)
+        print(json.dumps(asdict(measure_train_point(args.name, args.length, **options))))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    report = {"args": vars(args), "threads": torch.get_num_threads()}
+    if args.mode in ("train", "all"):
+        report["train"] = _train(args)
+    if args.mode in ("decode", "all"):
+        report["decode"] = _decode(args)
+    path = os.path.join(args.out, f"{args.mode}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
     print()
-    for name, value in targets.items():
-        print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
-    print(f"\nwrote {args.out}/decode.json and {args.out}/decode.png")
+    for part in ("train", "decode"):
+        if part in report:
+            _print_targets(report[part]["targets"])
+    print(f"\nwrote {path} and the PNG plots in {args.out}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class LongVQConfig(PreTrainedConfig):
         dropout (`float`, defaults to 0.0): dropout on embeddings, EMA output and block outputs.
         relative_positional_bias (`str`, defaults to `"simple"`): `simple` (one learned scalar per offset) or
             `rotary` (MEGA's rotary bias); applied inside the window only, so there is no maximum length.
+        segment_length (`int`, *optional*, defaults to 4096): a causal forward without a decoding state (training,
+            scoring) of more tokens than this runs in exact pieces of this many tokens (rounded down to a multiple of
+            `chunk_size`) that carry the recurrent state from one to the next, so no activation grows with the input
+            length; with gradient checkpointing on, each piece is one checkpoint, so training memory stops growing
+            with the length too. `None` runs every input whole.
         codebook_memory (`bool`, defaults to `True`): attend to the codebook memory (every key outside the window,
             grouped by code). `False` keeps the chunk-local window only: the MEGA-chunk ablation of LongVQ, whose
             queries cannot see further back than the previous block.
@@ -92,6 +97,7 @@ class LongVQConfig(PreTrainedConfig):
         dropout: float = 0.0,
         relative_positional_bias: str = "simple",
         codebook_memory: bool = True,
+        segment_length: int | None = 4096,
         truncation: int | None = None,
         vq_commitment_weight: float = 1e-4,
         codebook_ema_decay: float = 0.99,
@@ -125,6 +131,7 @@ class LongVQConfig(PreTrainedConfig):
         self.dropout = dropout
         self.relative_positional_bias = relative_positional_bias
         self.codebook_memory = codebook_memory
+        self.segment_length = segment_length
         self.truncation = truncation
         self.vq_commitment_weight = vq_commitment_weight
         self.codebook_ema_decay = codebook_ema_decay
@@ -153,7 +160,7 @@ class LongVQConfig(PreTrainedConfig):
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("codebook_size", self.codebook_size, minimum=2)
-        for name in ("ffn_hidden_size", "input_dim", "truncation"):
+        for name in ("ffn_hidden_size", "input_dim", "truncation", "segment_length"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         for name in ("bidirectional", "codebook_memory", "normalize_before", "use_cache", "tie_word_embeddings"):

@@ -9,13 +9,18 @@ Shapes: B batch, T length, D hidden_size, H intermediate_size (value width), Z s
 N ema_projection_size, S codebook_size, C chunk_size.
 """
 
+import hashlib
+import json
 import math
+import os
+import struct
 from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers import initialization as init
@@ -35,6 +40,12 @@ logger = logging.get_logger(__name__)
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     # Skips the call entirely in eval, where decoding makes thousands of them.
     return F.dropout(x, p, training) if training and p > 0 else x
+
+
+def _autocast_off(x: torch.Tensor):
+    """A context that turns autocast off on x's device: EMA kernels and recurrences and VQ distances must be computed
+    in float32 under bf16/fp16 autocast (a matmul there would otherwise run in half precision)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _derived(owner: nn.Module, name: str, compute, *sources: torch.Tensor):
@@ -116,7 +127,7 @@ def fft_causal_convolution(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tenso
     x: (B, D, T); kernel: (D, K) with K <= T. Returns (B, D, T) float32.
     """
     length, kernel_length = x.shape[-1], kernel.shape[-1]
-    fft_size = length + kernel_length  # no wrap-around into the first `length` outputs
+    fft_size = 1 << (length + kernel_length - 1).bit_length()  # no wrap-around into the outputs; a fast FFT size
     x_f = torch.fft.rfft(x.float(), n=fft_size)
     k_f = torch.fft.rfft(kernel.float(), n=fft_size)
     return torch.fft.irfft(x_f * k_f, n=fft_size)[..., :length]
@@ -164,8 +175,7 @@ class LongVQMultiDimensionalEma(nn.Module):
     def kernel(self, length: int) -> torch.Tensor:
         """Convolution kernel (channels, length) float32."""
         gain, q = self.coefficients()
-        steps = torch.arange(length, device=q.device, dtype=torch.float32)
-        return torch.einsum("cn,cnl->cl", gain * self.readout(), _powers(q, steps))
+        return _power_sum(gain * self.readout(), q, 0, length)
 
     def convolve(self, x: torch.Tensor, initial_state: torch.Tensor | None = None) -> torch.Tensor:
         """The raw EMA. x: (B, T, D) with padded positions already zeroed; initial_state: (B, D, N) state before x
@@ -178,10 +188,7 @@ class LongVQMultiDimensionalEma(nn.Module):
             out = fft_causal_convolution(x, kernel)
             if initial_state is not None:  # y_t += sum_n eta/sqrt(N) q^(t+1) h_init
                 _, q = self.coefficients()
-                weighted = initial_state * self.readout()
-                for segment in _segments(length):
-                    steps = torch.arange(segment.start + 1, segment.stop + 1, device=q.device, dtype=torch.float32)
-                    out[..., segment] += torch.einsum("bdn,dnt->bdt", weighted, _powers(q, steps))
+                out = out + _power_sum(initial_state * self.readout(), q, 1, length)
             return out.transpose(1, 2)
         both = fft_causal_convolution(torch.cat([x, x.flip(-1)], dim=1), kernel)
         forward, backward = both.split(self.hidden_size, dim=1)
@@ -190,16 +197,19 @@ class LongVQMultiDimensionalEma(nn.Module):
 
     def final_state(self, x: torch.Tensor, lengths: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
         """Recurrent state (B, D, N) float32 after the first `lengths[b]` steps of row b of x (B, T, D), pads zeroed:
-        `h = sum_t p beta q^(len-1-t) x_t + q^len h_init`, by segments so no (D, N, T) tensor is materialised."""
+        `h = sum_t p beta q^(len-1-t) x_t + q^len h_init`, without materialising a (D, N, T) tensor: with
+        `len-1-t = a P + r`, the sum is `sum_a q^(a P) sum_r q^r x`, two batched matmuls over the channels."""
         gain, q = self.coefficients()
-        length = x.shape[1]
-        # Right-align each row so that its last step is at T - 1 for every row.
-        index = (torch.arange(length, device=x.device)[None, :] - (length - lengths)[:, None]) % length
-        x = x.float().gather(1, index.unsqueeze(-1).expand_as(x))
-        state = torch.zeros(x.shape[0], *q.shape, device=x.device)
-        for segment in _segments(length):
-            steps = length - 1 - torch.arange(segment.start, segment.stop, device=q.device, dtype=torch.float32)
-            state += torch.einsum("btd,dnt->bdn", x[:, segment], _powers(q, steps))
+        batch, length, channels = x.shape
+        # Newest step first, each row starting from its own last step (steps before a row's start are zeros).
+        index = (lengths[:, None] - 1 - torch.arange(length, device=x.device)[None, :]) % length
+        steps_back = x.float().gather(1, index.unsqueeze(-1).expand_as(x))
+        steps_back = steps_back * (torch.arange(length, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        period = min(_POWER_PERIOD, length)
+        periods = -(-length // period)
+        steps_back = F.pad(steps_back, (0, 0, 0, periods * period - length)).view(batch, periods, period, channels)
+        within = torch.einsum("bapd,dnp->bdan", steps_back, _powers(q, torch.arange(period, device=x.device)))
+        state = torch.einsum("bdan,dna->bdn", within, _powers(q, period * torch.arange(periods, device=x.device)))
         state = state * gain
         if initial_state is not None:
             state = state + initial_state * _powers(q, lengths.float()).permute(2, 0, 1)
@@ -220,27 +230,49 @@ class LongVQMultiDimensionalEma(nn.Module):
         tokens) and the state after each row's `lengths[b]` steps.
         """
         if plan is not None:
-            ema, new_state = self.step(x[:, 0], state.ema)
+            with _autocast_off(x):
+                ema, new_state = self.step(x[:, 0], state.ema)
             state.ema = new_state if plan.all_real else torch.where(plan.real[:, None, None], new_state, state.ema)
             return F.silu(ema.unsqueeze(1).to(x.dtype) + x * self.residual_weight)  # padded rows: output unused
         x = x * mask.unsqueeze(-1).to(x.dtype)
-        if state is None:
-            ema = self.convolve(x)
-        else:
-            initial = state.ema  # None before the state's first tokens
-            ema = self.convolve(x, initial)
-            state.ema = self.final_state(x, lengths, initial)
+        with _autocast_off(x):
+            if state is None:
+                ema = self.convolve(x)
+            else:
+                initial = state.ema  # None before the state's first tokens
+                ema = self.convolve(x, initial)
+                state.ema = self.final_state(x, lengths, initial)
         return F.silu(ema.to(x.dtype) + x * self.residual_weight)
 
 
+_SMALLEST_LOG_POWER = -40.0  # q^e is floored at e^-40 ~ 4e-18: products of two such powers stay normal floats
+
+
 def _powers(q: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
-    """q^e for q (channels, N) and exponents (L,): (channels, N, L), as exp(e log q) in float32."""
-    return torch.exp(exponents.float()[None, None, :] * torch.log(q)[:, :, None])
+    """q^e for q (channels, N) and exponents (L,): (channels, N, L), as exp(e log q) in float32.
+
+    Powers that would be below e^-40 are raised to it: an absolute change < 4e-18 per kernel tap, far below float32
+    resolution of the outputs, which keeps every power and product of two powers out of the subnormal range where
+    CPU arithmetic is tens of times slower.
+    """
+    return torch.exp((exponents.float()[None, None, :] * torch.log(q)[:, :, None]).clamp(min=_SMALLEST_LOG_POWER))
 
 
-def _segments(length: int, size: int = 2048):
-    """Slices covering range(length) in pieces of `size`, bounding the (D, N, size) powers tensors."""
-    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+_POWER_PERIOD = 64  # period P of the factorised power sums: (D, N, P) and (D, N, T / P) powers instead of (D, N, T)
+
+
+def _power_sum(weights: torch.Tensor, q: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """`y[..., c, t] = sum_n weights[..., c, n] q[c, n]^(start + t)` for t < length: (..., channels, length) float32.
+
+    With `t = a P + r`, `q^(start + t) = q^(start + a P) q^r`: one batched matmul over the channels of
+    (..., A, N) x (N, P), so no (channels, N, length) tensor of powers is built (nor exponentiated).
+    """
+    period = min(_POWER_PERIOD, length)
+    periods = -(-length // period)
+    outer = weights.unsqueeze(-1) * _powers(q, start + period * torch.arange(periods, device=q.device))  # (.., c, N, A)
+    within = _powers(q, torch.arange(period, device=q.device))  # (c, N, P)
+    out = torch.einsum("...cna,cnp->...cap", outer, within)
+    return out.flatten(-2)[..., :length]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,7 +385,8 @@ class LongVQVectorQuantizer(nn.Module):
     def _shifted_distances(self, keys: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """(B*T, S) `||k - C_s||^2 - ||k||^2` in float32 (even under autocast); the argmin is the nearest code."""
         codeword_norms = _derived(self, "codeword_norms", lambda: codebook.pow(2).sum(-1), codebook)
-        return torch.addmm(codeword_norms, keys.flatten(0, -2), codebook.t(), alpha=-2)
+        with _autocast_off(keys):
+            return torch.addmm(codeword_norms, keys.flatten(0, -2), codebook.t(), alpha=-2)
 
     @torch.no_grad()
     def restart_dead_codes(self, threshold: float, candidates: torch.Tensor):
@@ -438,64 +471,102 @@ def vq_attention(
     if pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
         codes, key_mask = F.pad(codes, (0, pad)), F.pad(key_mask, (0, pad), value=False)
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)  # counts and softmax statistics in >= float32
+    never = torch.finfo(softmax_dtype).min  # additive mask: exp underflows to exactly 0, all-masked rows stay finite
 
+    # Batch and blocks are flattened into one bmm batch of B*n blocks. A block's neighbour in the flat order is its
+    # neighbour in the sequence, except across rows, where the key mask below gives the neighbour weight 0.
     def blocks(t):
-        return t.reshape(batch, num_blocks, chunk_size, *t.shape[2:])
+        return t.reshape(batch * num_blocks, chunk_size, *t.shape[2:])
 
     q = blocks(query) * z_dim**-0.5
-    k, v, c, m = blocks(key), blocks(value), blocks(codes), blocks(key_mask)
-    v = v * m.unsqueeze(-1).to(v.dtype)  # padded values never reach the output, even with weight 0
-
+    k, v, m = blocks(key), blocks(value), blocks(key_mask)
+    position = torch.arange(num_blocks, device=query.device).repeat(batch)  # block index of each flat block
     neighbours = (-1, 0, 1) if bidirectional else (-1, 0)
 
-    def window(t):
-        return torch.cat([_shift_blocks(t, s) for s in neighbours], dim=2)
+    def neighbour(t, shift):
+        """Flat block i + shift of t (zeros past either end). Only the narrow keys and masks are shifted."""
+        if shift == 0:
+            return t
+        zeros = torch.zeros_like(t[:1])
+        return torch.cat([zeros, t[:-1]]) if shift < 0 else torch.cat([t[1:], zeros])
 
-    k_win, v_win, m_win = window(k), window(v), window(m)
+    # Window logits q.k_j / sqrt(Z) + bias(i - j), masked: padded keys, keys beyond the row's ends, future keys.
     offsets = window_offsets(chunk_size, bidirectional, device=query.device)  # (C, W)
-    window_logits = q @ k_win.transpose(-1, -2) + position_bias(offsets).to(q.dtype)  # (B, n, C, W)
-    window_allowed = m_win.unsqueeze(2)  # (B, n, 1, W)
+    bias = position_bias(offsets).to(softmax_dtype)
     if not bidirectional:
-        window_allowed = window_allowed & (offsets >= 0)
+        bias = bias.masked_fill(offsets < 0, never)
+    key_allowed = []
+    for shift in neighbours:
+        inside = (position + shift >= 0) & (position + shift < num_blocks)
+        key_allowed.append(neighbour(m, shift) & inside[:, None])
+    key_allowed = torch.cat(key_allowed, dim=1)  # (Bn, W)
+    key_bias = torch.zeros(key_allowed.shape, device=query.device, dtype=softmax_dtype).masked_fill(~key_allowed, never)
+    k_window = torch.cat([neighbour(k, shift) for shift in neighbours], dim=1)  # (Bn, W, Z), Z is narrow
+    window_logits = torch.baddbmm((bias + key_bias[:, None, :]).to(q.dtype), q, k_window.transpose(1, 2))
 
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # counts and softmax statistics in >= float32
+    def window_output(weights):
+        """sum_j w_ij v_j over the window, one bmm per neighbour block on views of v (no window copy of values)."""
+        out = torch.bmm(weights[..., chunk_size * neighbours.index(0) :][..., :chunk_size], v)
+        for shift in neighbours:
+            if shift == 0:
+                continue
+            part = weights[..., chunk_size * neighbours.index(shift) :][..., :chunk_size]
+            if shift < 0:  # block i reads v of block i - 1
+                out[1:] = torch.baddbmm(out[1:], part[1:], v[:-1])
+            else:
+                out[:-1] = torch.baddbmm(out[:-1], part[:-1], v[1:])
+        return out
+
     if not memory:
-        logits = window_logits.to(softmax_dtype).masked_fill(~window_allowed, torch.finfo(softmax_dtype).min)
-        weights = F.dropout(torch.softmax(logits, dim=-1).to(v.dtype), p=dropout, training=training)
-        return (weights @ v_win).reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
+        weights = torch.softmax(window_logits.to(softmax_dtype), dim=-1).to(v.dtype)
+        if dropout > 0 and training:
+            weights = F.dropout(weights, p=dropout)
+        return window_output(weights).reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
 
-    # Per-block, per-code token counts and value sums; memory = the blocks outside each block's window.
-    counts = torch.zeros(batch, num_blocks, s_dim, device=v.device, dtype=softmax_dtype)
-    counts = counts.scatter_add_(2, c, m.to(softmax_dtype))
-    sums = torch.zeros(batch, num_blocks, s_dim, h_dim, device=v.device, dtype=v.dtype)
-    sums = sums.scatter_add(2, c.unsqueeze(-1).expand(-1, -1, -1, h_dim), v)
-    if bidirectional:
-        memory_counts = counts.sum(1, keepdim=True) - window(counts.unsqueeze(2)).sum(2)
-        memory_sums = sums.sum(1, keepdim=True) - window(sums.unsqueeze(2)).sum(2)
+    # Memory: every key outside the window, grouped by code. Per-block code counts and value sums are scattered
+    # straight into their place in a (B, n + 2, S, ...) grid of block totals (no one-hot); a cumulative sum over
+    # blocks then gives, for causal block n, the totals of blocks <= n - 2.
+    real = key_mask.reshape(batch, num_blocks, chunk_size)
+    grid_index = (torch.arange(num_blocks, device=query.device)[:, None] + 2) * s_dim + codes.view(batch, num_blocks, chunk_size)
+    grid_index = grid_index.view(batch, -1)
+    counts = torch.zeros(batch, (num_blocks + 2) * s_dim, device=query.device, dtype=softmax_dtype)
+    counts = counts.scatter_add_(1, grid_index, real.view(batch, -1).to(softmax_dtype))
+    masked_values = value if bool(key_mask.all()) else value * key_mask.unsqueeze(-1).to(value.dtype)
+    sums = torch.zeros(batch, (num_blocks + 2) * s_dim, h_dim, device=query.device, dtype=softmax_dtype)
+    sums = sums.scatter_add_(1, grid_index.unsqueeze(-1).expand(-1, -1, h_dim), masked_values.to(softmax_dtype))
+    counts, sums = counts.view(batch, num_blocks + 2, s_dim), sums.view(batch, num_blocks + 2, s_dim, h_dim)
+    if bidirectional:  # the whole sequence minus the window blocks n - 1, n, n + 1 (grid rows n + 1 .. n + 3)
+        padded_counts, padded_sums = F.pad(counts, (0, 0, 0, 1)), F.pad(sums, (0, 0, 0, 0, 0, 1))
+        memory_counts = counts.sum(1, keepdim=True) - sum(padded_counts[:, 1 + i : 1 + i + num_blocks] for i in range(3))
+        memory_sums = sums.sum(1, keepdim=True) - sum(padded_sums[:, 1 + i : 1 + i + num_blocks] for i in range(3))
         memory_counts = memory_counts.round()  # exact integers despite the float subtraction
-    else:  # blocks <= n - 2: inclusive cumulative sum, delayed by two blocks
-        memory_counts = F.pad(counts.cumsum(1), (0, 0, 2, 0))[:, :num_blocks]
-        memory_sums = F.pad(sums.cumsum(1), (0, 0, 0, 0, 2, 0))[:, :num_blocks]
+    else:
+        memory_counts = counts.cumsum(1)[:, :num_blocks]
+        memory_sums = sums.cumsum(1)[:, :num_blocks]
         if initial_memory is not None:
             memory_counts = memory_counts + initial_memory[0].unsqueeze(1).to(memory_counts.dtype)
             memory_sums = memory_sums + initial_memory[1].unsqueeze(1).to(memory_sums.dtype)
-    memory_means = memory_sums / memory_counts.clamp(min=1).unsqueeze(-1).to(v.dtype)  # (B, n, S, H)
-    memory_logits = q @ codebook.to(q.dtype).t() + memory_counts.log().unsqueeze(2).to(q.dtype)  # (B, n, C, S)
+    memory_counts = memory_counts.reshape(batch * num_blocks, 1, s_dim)
+    memory_sums = memory_sums.reshape(batch * num_blocks, s_dim, h_dim).to(v.dtype)
+    # logit q.C_s / sqrt(Z) + log N_s (never where N_s = 0); the value M_s = sums_s / N_s enters as w_s / N_s.
+    log_counts = torch.where(memory_counts > 0, memory_counts.clamp(min=1).log(), never)
+    memory_logits = (q.reshape(-1, z_dim) @ codebook.to(q.dtype).t()).view(q.shape[0], chunk_size, s_dim)
+    memory_logits = memory_logits + log_counts.to(q.dtype)
 
-    logits = torch.cat([window_logits, memory_logits], dim=-1).to(softmax_dtype)
-    allowed = torch.cat(
-        [window_allowed.expand(-1, num_blocks, chunk_size, -1), (memory_counts > 0).unsqueeze(2).expand(-1, -1, chunk_size, -1)],
-        dim=-1,
-    )
-    weights = torch.softmax(logits.masked_fill(~allowed, torch.finfo(softmax_dtype).min), dim=-1).to(v.dtype)
-    weights = F.dropout(weights, p=dropout, training=training)
-    width = k_win.shape[2]
-    out = weights[..., :width] @ v_win + weights[..., width:] @ memory_means
+    weights = torch.softmax(torch.cat([window_logits, memory_logits], dim=-1).to(softmax_dtype), dim=-1).to(v.dtype)
+    if dropout > 0 and training:
+        weights = F.dropout(weights, p=dropout)
+    width = k_window.shape[1]
+    memory_weights = weights[..., width:] / memory_counts.clamp(min=1).to(v.dtype)
+    out = torch.baddbmm(window_output(weights), memory_weights, memory_sums)
     return out.reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
 
 
 def _code_value_sums(codes, values, mask, codebook_size):
     """Per-row count (B, S) and value sum (B, S, H) of the real tokens. codes (B, L), values (B, L, H), mask (B, L)."""
+    # Sums in >= float32, like vq_attention's memory statistics (bf16/fp16 values under autocast).
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     weight = mask.to(values.dtype)
     counts = torch.zeros(codes.shape[0], codebook_size, device=codes.device).scatter_add_(1, codes, weight.float())
     sums = torch.zeros(codes.shape[0], codebook_size, values.shape[-1], device=values.device, dtype=values.dtype)
@@ -505,7 +576,7 @@ def _code_value_sums(codes, values, mask, codebook_size):
 
 def vq_attention_with_state(
     query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths, fresh,
-    memory=True,
+    memory=True, keep_keys=False,
 ):
     """Causal VQ-attention of T new tokens that continue a decoding state, block-parallel (prefill, chunked prefill).
 
@@ -515,7 +586,8 @@ def vq_attention_with_state(
     `last_block` is the block of its last seen token; the extended sequence runs through `vq_attention` with the
     state's memory as initial memory. A fresh state runs `vq_attention` on the tokens alone. Either way the new
     window and memory are then read off the sequence, and `state` is updated in place. `memory=False`: window-only
-    attention (the memory is still kept, so the state layout does not depend on the flag).
+    attention (the memory is still kept, so the state layout does not depend on the flag). `keep_keys`: the new
+    window keeps the straight-through keys (see `LongVQLayerState.window_keys`).
 
     query/key (B, T, Z), value (B, T, H), codes (B, T), key_mask (B, T); positions, lengths (B,) long; fresh: the
     state has seen no token. Returns (B, T, H).
@@ -523,7 +595,8 @@ def vq_attention_with_state(
     batch, length = codes.shape
     window = 2 * chunk_size
     memory_counts, memory_means = state.memory()
-    memory_sums = memory_means * memory_counts.unsqueeze(-1).to(value.dtype)
+    # Counts and sums in >= float32: bf16 holds integers exactly only up to 256.
+    memory_sums = memory_means.to(torch.promote_types(memory_means.dtype, torch.float32)) * memory_counts.unsqueeze(-1)
 
     def extend(old, new, before):
         """[old (before slots) | new at `index` | zeros], with one spare block at the end so that the new window can
@@ -541,6 +614,7 @@ def vq_attention_with_state(
         start = torch.full_like(positions, window)  # read the state off [2C empty slots | tokens | spare block]
         index = start[:, None] + torch.arange(length, device=codes.device)
         ext_codes, ext_values, ext_mask = (extend(None, t, window) for t in (codes, value, key_mask))
+        ext_keys = extend(None, key, window) if keep_keys else None
     else:
         last_block = (positions + chunk_size - 1) // chunk_size - 1  # block of the last seen token
         start = positions - (last_block - 1) * chunk_size  # in (C, 2C]
@@ -549,7 +623,8 @@ def vq_attention_with_state(
         ext_codes, ext_values, ext_mask = (
             extend(old, new, window) for old, new in ((window_codes, codes), (window_values, value), (window_mask, key_mask))
         )
-        ext_keys = extend(F.embedding(window_codes, codebook), key, window)
+        window_keys = state.window_keys if state.window_keys is not None else F.embedding(window_codes, codebook)
+        ext_keys = extend(window_keys, key, window)
         ext_query = extend(None, query, window)
         used = slice(0, window + length)
         out = vq_attention(
@@ -568,7 +643,12 @@ def vq_attention_with_state(
     state.set_memory(total, (memory_sums + sums) / total.clamp(min=1).unsqueeze(-1).to(sums.dtype))
     kept = first_kept[:, None] + torch.arange(window, device=codes.device)
     kept_values = ext_values.gather(1, kept.unsqueeze(-1).expand(-1, -1, ext_values.shape[-1]))
-    state.set_window(ext_codes.gather(1, kept), kept_values, ext_mask.gather(1, kept))
+    # Under autograd the window keeps its straight-through keys, so that keys near the end of a piece get their
+    # gradient from the next piece's queries as in a whole-input forward (`LongVQModel._forward_in_segments`).
+    kept_keys = None
+    if keep_keys:
+        kept_keys = ext_keys.gather(1, kept.unsqueeze(-1).expand(-1, -1, ext_keys.shape[-1]))
+    state.set_window(ext_codes.gather(1, kept), kept_values, ext_mask.gather(1, kept), kept_keys)
     return out
 
 
@@ -658,14 +738,16 @@ class LongVQLayerState:
       - values (B, 2C + S, H): the window's values, then the memory's per-code value means;
       - logit_offsets (B, 2C + S) float32: 0 for a filled window slot, log N_s for a memory code with N_s > 0,
         and a huge negative number for empty entries;
-      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window.
+      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window;
+      - window_keys (B, 2C, Z): only in a forward run in pieces (`LongVQCache.keep_window_keys`), the window's
+        straight-through quantized keys, equal to `codebook[codes]` in value; None otherwise.
     """
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
     supports_early_init = False
-    fields = ("ema", "codes", "values", "logit_offsets", "memory_counts")
+    fields = ("ema", "codes", "values", "logit_offsets", "memory_counts", "window_keys")
 
     def __init__(self):
         self.reset()
@@ -696,8 +778,9 @@ class LongVQLayerState:
         """counts (B, S) float32, value means (B, S, H)."""
         return self.memory_counts, self.values[:, self.window_size :]
 
-    def set_window(self, codes, values, mask):
+    def set_window(self, codes, values, mask, keys=None):
         w = self.window_size
+        self.window_keys = keys
         self.codes = torch.cat([codes, self.codes[:, w:]], dim=1)
         self.values = torch.cat([values.to(self.values.dtype), self.values[:, w:]], dim=1)
         window_offsets_ = torch.where(mask, 0.0, _EMPTY)
@@ -744,6 +827,12 @@ class LongVQLayerState:
         pass
 
 
+# The config fields that fix the shapes of a `LongVQCache`; a cache must agree with the model on all of them.
+_CACHE_SHAPE_FIELDS = (
+    "num_hidden_layers", "hidden_size", "intermediate_size", "ema_projection_size", "codebook_size", "chunk_size",
+    "codebook_memory",
+)  # fmt: skip
+
 _NO_ROLLBACK = (
     "LongVQCache is a recurrent state: it cannot be cropped or rolled back, so assisted, prompt-lookup and "
     "speculative decoding are not supported."
@@ -771,6 +860,7 @@ class LongVQCache(Cache):
         self.config = config
         self.positions = None
         self.seen_tokens = 0
+        self.keep_window_keys = False  # set for a forward in pieces, see `LongVQLayerState.window_keys`
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -810,6 +900,16 @@ class LongVQCache(Cache):
             rows=torch.arange(mask.shape[0], device=mask.device), slot=slot, real=mask, all_real=bool(mask.all()),
             starts_block=starts_block, any_starts_block=bool(starts_block.any()),
         )  # fmt: skip
+
+    def shallow_copy(self) -> "LongVQCache":
+        """A new cache holding the same state tensors; updates replace tensors (never write into them), so
+        advancing the copy leaves this cache as it is."""
+        copy = LongVQCache(self.config)
+        for mine, theirs in zip(self.layers, copy.layers):
+            for name in LongVQLayerState.fields:
+                setattr(theirs, name, getattr(mine, name))
+        copy.positions, copy.seen_tokens, copy.keep_window_keys = self.positions, self.seen_tokens, self.keep_window_keys
+        return copy
 
     def advance(self, lengths: torch.Tensor, columns: int):
         """Record that row b moved `lengths[b]` block positions and the input had `columns` columns."""
@@ -934,6 +1034,7 @@ class LongVQGatedAttention(nn.Module):
             attention = vq_attention_with_state(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, state,
                 past_key_values.positions.to(x.device), lengths.to(x.device), fresh, self.codebook_memory,
+                past_key_values.keep_window_keys,
             )  # fmt: skip
         gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.dropout, self.training)
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
@@ -1035,6 +1136,137 @@ class LongVQSequenceClassifierOutput(LongVQOutputFields, SequenceClassifierOutpu
 # Pretrained model base
 # ---------------------------------------------------------------------------------------------------------------------
 
+# safetensors metadata entry written by `save_pretrained`: sha256 of the tensor table and the data bytes. A file that
+# changed after saving (bit rot, a partial copy, an edit) is refused on load; files without it load unchecked. It is
+# an integrity check, not a signature: whoever can edit the file can also rewrite the digest.
+_DIGEST_KEY = "longvq_sha256"
+_HEAD_PREFIXES = ("lm_head.", "score.")  # head modules a checkpoint of another head (or of the base) may lack
+
+
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """The JSON header of safetensors file `path` and the offset where its data starts. Raises ValueError naming the
+    file when it is truncated or its header is malformed (safetensors itself would say neither which file nor why)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or 8 + length > size:
+            raise ValueError(f"Weights file {path} is truncated ({size} bytes): it ends inside its header.")
+        try:
+            header = json.loads(f.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            raise ValueError(f"Weights file {path} has a corrupt safetensors header ({error}).") from error
+    if 8 + length + end != size:
+        raise ValueError(
+            f"Weights file {path} is truncated or corrupt: its header describes {8 + length + end} bytes, the file "
+            f"has {size}."
+        )
+    return header, 8 + length
+
+
+def _safetensors_digest(path: str, header: dict, data_start: int) -> str:
+    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "__metadata__"}, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _seal_weights_file(path: str):
+    """Record the file's digest in its safetensors metadata (the tensor data are copied unchanged)."""
+    header, data_start = _safetensors_header(path)
+    metadata = {**header.get("__metadata__", {}), _DIGEST_KEY: _safetensors_digest(path, header, data_start)}
+    header = {"__metadata__": metadata, **{k: v for k, v in header.items() if k != "__metadata__"}}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads its header to 8 bytes
+    with open(path, "rb") as source, open(path + ".tmp", "wb") as target:
+        target.write(struct.pack("<Q", len(encoded)) + encoded)
+        source.seek(data_start)
+        target.writelines(iter(lambda: source.read(1 << 24), b""))
+    os.replace(path + ".tmp", path)
+
+
+def _verify_weights_file(path: str):
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"LongVQ loads weights only from safetensors files, got {path}.")
+    header, data_start = _safetensors_header(path)
+    expected = header.get("__metadata__", {}).get(_DIGEST_KEY)
+    if expected is not None and _safetensors_digest(path, header, data_start) != expected:
+        raise ValueError(
+            f"Weights file {path} does not match the sha256 recorded when it was saved: it was modified or damaged "
+            "after saving. Refusing to load it."
+        )
+
+
+def _weights_name(name: str, variant: str | None) -> str:
+    """`model.safetensors` -> `model.<variant>.safetensors`, as transformers names variants."""
+    if variant is None:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def _checkpoint_weight_files(path, kwargs: dict) -> list[str] | None:
+    """Local paths of the safetensors files `from_pretrained(path, **kwargs)` will read (fetched into the Hub cache
+    like transformers does), [] if the checkpoint has none, None if it cannot be resolved (transformers reports that)."""
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        cached_file,
+    )
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+    hub_kwargs = {name: kwargs[name] for name in hub if kwargs.get(name) is not None}
+
+    def resolve(name):
+        return cached_file(
+            path, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_gated_repo=False,
+            **hub_kwargs,
+        )  # fmt: skip
+
+    try:
+        single = resolve(_weights_name(SAFE_WEIGHTS_NAME, kwargs.get("variant")))
+        if single is not None:
+            return [single]
+        index = resolve(_weights_name(SAFE_WEIGHTS_INDEX_NAME, kwargs.get("variant")))
+        if index is None:
+            return []
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [resolve(shard) for shard in shards]
+    except OSError:
+        return None
+
+
+def _check_loaded_keys(model, info: dict, path, ignore_mismatched_sizes: bool, strict: bool):
+    """Raise ValueError when the checkpoint's tensors disagree with the model built from its config."""
+    mismatched = sorted(info["mismatched_keys"], key=lambda item: item[0])
+    if mismatched and not ignore_mismatched_sizes:
+        shown = "; ".join(f"{key}: checkpoint {tuple(saved)}, model {tuple(built)}" for key, saved, built in mismatched[:5])
+        raise ValueError(
+            f"The weights of {path} do not fit the model built from its config ({len(mismatched)} tensors differ in "
+            f"shape: {shown}{'; ...' if len(mismatched) > 5 else ''}). Was config.json edited? Pass "
+            "`ignore_mismatched_sizes=True` to re-initialise those tensors instead."
+        )
+    if not strict:
+        return
+    head = type(model).__name__ != "LongVQModel"  # a head may lack its own layer: base or other-head checkpoints
+    missing = sorted(key for key in info["missing_keys"] if not (head and key.startswith(_HEAD_PREFIXES)))
+    unexpected = sorted(key for key in info["unexpected_keys"] if not key.startswith(_HEAD_PREFIXES))
+    loaded = len(model.state_dict()) > len(info["missing_keys"]) + len(mismatched)
+    if (missing and (loaded or info["unexpected_keys"])) or unexpected:
+        raise ValueError(
+            f"The weights of {path} do not match the model built from its config: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            "(a different num_hidden_layers or model type?). Pass `strict=False` to initialise missing tensors and "
+            "ignore unexpected ones, as transformers does by default."
+        )
+
 
 class LongVQPreTrainedModel(PreTrainedModel):
     config_class = LongVQConfig
@@ -1103,6 +1335,80 @@ class LongVQPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         # The decoding state is a LongVQ-specific recurrent state, never a key/value DynamicCache.
         return False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""`PreTrainedModel.from_pretrained`, restricted to safe and consistent checkpoints:
+
+        - weights are read only from safetensors (`model.safetensors` or its sharded index): a pickle
+          (`pytorch_model.bin`) or GGUF file is never opened, and `use_safetensors=False` is refused;
+        - a truncated or corrupt weights file, or one whose contents changed since `save_pretrained` recorded its
+          sha256, raises ValueError naming the file;
+        - weights that disagree with the config raise ValueError: shape mismatches (unless
+          `ignore_mismatched_sizes=True`, which re-initialises them), and missing or unexpected tensors of the LongVQ
+          stack (unless `strict=False`, transformers' default of initialising/ignoring them with a warning). A head
+          loaded from a checkpoint of the base model or of another head may lack its own layer (`lm_head`, `score`).
+        """
+        if kwargs.get("use_safetensors") is False or kwargs.get("gguf_file") is not None:
+            raise ValueError(
+                "LongVQ loads weights only from safetensors files; `use_safetensors=False` and `gguf_file` are not "
+                "supported (pickled weights can execute code when loaded)."
+            )
+        kwargs["use_safetensors"] = True
+        strict = kwargs.pop("strict", True)
+        return_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        files = None
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            files = _checkpoint_weight_files(pretrained_model_name_or_path, kwargs)
+            local = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            if files == [] and os.path.isdir(local):
+                found = sorted(name for name in os.listdir(local) if name.endswith((".bin", ".pt", ".pth", ".gguf")))
+                raise OSError(
+                    f"No model.safetensors in {local}. LongVQ loads weights only from safetensors"
+                    + (f"; {', '.join(found)} will not be read (convert it only if you trust its source)." if found else ".")
+                )
+            for file in files or []:
+                _verify_weights_file(file)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs,
+            )  # fmt: skip
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise ValueError(
+                f"Could not read the safetensors weights of {pretrained_model_name_or_path} ({files}): {error}"
+            ) from error
+        _check_loaded_keys(model, info, pretrained_model_name_or_path, ignore_mismatched_sizes, strict)
+        return (model, info) if return_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors only), recording each weight file's sha256 in its metadata
+        so that `from_pretrained` refuses a file that changed afterwards. `push_to_hub=True` uploads the sealed files
+        through `push_to_hub`."""
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("LongVQ saves weights only as safetensors; `safe_serialization=False` is not supported.")
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "commit_message", "create_pr", "private") if name in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not self.should_save_on_this_rank(kwargs.get("is_main_process", args[0] if args else True)):
+            return
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+        variant = kwargs.get("variant")
+        index = os.path.join(save_directory, _weights_name(SAFE_WEIGHTS_INDEX_NAME, variant))
+        names = [_weights_name(SAFE_WEIGHTS_NAME, variant)]
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        for name in names:
+            if os.path.isfile(os.path.join(save_directory, name)):
+                _seal_weights_file(os.path.join(save_directory, name))
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
 
 
 def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
@@ -1245,21 +1551,18 @@ class LongVQModel(LongVQPreTrainedModel):
             else:  # up to each row's last real token
                 lengths = length - (~mask).flip(-1).int().cumprod(-1).sum(-1)
 
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        squared_errors, counts, sums, restart_keys = [], [], [], []
-        for layer in self.layers:
-            # The codebook is read here, outside the (possibly checkpointed) layer: a recompute in backward sees the
-            # same codewords as the forward, although the EMA update below has been applied in between.
-            codebook = layer.attention.quantizer.codebook()
-            hidden_states, squared_error, code_counts, code_sums, layer_restart_keys = layer(
-                hidden_states, mask, codebook=codebook, past_key_values=past_key_values, lengths=lengths, plan=plan
+        # The codebooks are read here, outside the (possibly checkpointed) layers: a recompute in backward sees the
+        # same codewords as the forward, although the EMA update below has been applied in between.
+        codebooks = [layer.attention.quantizer.codebook() for layer in self.layers]
+        segment = self._segment_length(length, past_key_values)
+        if segment:
+            hidden_states, (squared_errors, counts, sums, restart_keys), all_hidden_states = self._forward_in_segments(
+                hidden_states, mask, codebooks, segment, output_hidden_states
             )
-            squared_errors.append(squared_error)
-            counts.append(code_counts)
-            sums.append(code_sums)
-            restart_keys.append(layer_restart_keys)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
+        else:
+            hidden_states, (squared_errors, counts, sums, restart_keys), all_hidden_states = self._run_layers(
+                hidden_states, mask, codebooks, past_key_values, lengths, plan, output_hidden_states
+            )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states, mask)
             if output_hidden_states:
@@ -1292,6 +1595,87 @@ class LongVQModel(LongVQPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    def _run_layers(self, hidden_states, mask, codebooks, past_key_values, lengths, plan, output_hidden_states):
+        """Every block over one input. Returns the hidden states (B, T, D), the per-layer statistics as four lists
+        (summed squared quantization errors, code counts, key sums, restart keys; see `LongVQBlock`) and the hidden
+        states before and after each block (None unless `output_hidden_states`)."""
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        statistics = ([], [], [], [])
+        for layer, codebook in zip(self.layers, codebooks):
+            hidden_states, *layer_statistics = layer(
+                hidden_states, mask, codebook=codebook, past_key_values=past_key_values, lengths=lengths, plan=plan
+            )
+            for collected, value in zip(statistics, layer_statistics):
+                collected.append(value)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        return hidden_states, statistics, all_hidden_states
+
+    def _segment_length(self, length: int, past_key_values) -> int | None:
+        """Piece length for `_forward_in_segments` (a multiple of chunk_size), or None to run the input whole."""
+        if self.config.segment_length is None or self.config.bidirectional or past_key_values is not None:
+            return None
+        chunk_size = self.config.chunk_size
+        segment = max(self.config.segment_length // chunk_size, 1) * chunk_size
+        return segment if length > segment else None
+
+    def _forward_in_segments(self, hidden_states, mask, codebooks, segment, output_hidden_states):
+        """A causal forward without a cache, of an input longer than `segment`, as consecutive pieces of `segment`
+        tokens: each piece continues the decoding state left by the ones before (EMA state, window, memory), exactly
+        as a chunked prefill does, so the result equals the whole-input forward (to float rounding) while no tensor
+        grows with the input length (tens of MiB tensors cost fresh pages from the OS at every step). With gradient
+        checkpointing on, each piece (all layers) is one checkpoint instead of each layer: activations are kept for
+        one piece at a time and the states between pieces, so training memory no longer grows with the length.
+        Returns what `_run_layers` returns, over the whole input."""
+        batch, length = mask.shape
+        state = LongVQCache(self.config)
+        state.initialize(batch, hidden_states.device, hidden_states.dtype)
+        state.keep_window_keys = True
+        checkpointing = self.training and self.is_activation_checkpointing
+        pieces, piece_statistics, piece_hidden = [], [], []
+        for start in range(0, length, segment):
+            piece_mask = mask[:, start : start + segment]
+            lengths = piece_mask.shape[1] - (~piece_mask).flip(-1).int().cumprod(-1).sum(-1)
+            arguments = (hidden_states[:, start : start + segment], piece_mask, codebooks, state, lengths)
+            if checkpointing:
+                output = checkpoint(
+                    self._run_piece, *arguments, output_hidden_states, use_reentrant=False
+                )
+            else:
+                output = self._run_piece(*arguments, output_hidden_states)
+            piece_output, statistics, hidden, state = output
+            pieces.append(piece_output)
+            piece_statistics.append(statistics)
+            piece_hidden.append(hidden)
+        squared_errors, counts, sums, restart_keys = (list(layers) for layers in zip(*piece_statistics))
+        merged = (
+            [torch.stack(per_piece).sum(0) for per_piece in zip(*squared_errors)],
+            [torch.stack(per_piece).sum(0) for per_piece in zip(*counts)],
+            [None if per_piece[0] is None else torch.stack(per_piece).sum(0) for per_piece in zip(*sums)],
+            [_pick_per_code(per_piece) for per_piece in zip(*restart_keys)],
+        )
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = [torch.cat(per_piece, dim=1) for per_piece in zip(*piece_hidden)]
+        return torch.cat(pieces, dim=1), merged, all_hidden_states
+
+    def _run_piece(self, hidden_states, mask, codebooks, state, lengths, output_hidden_states):
+        """All blocks over one piece, continuing `state` without modifying it (a checkpoint recompute replays this
+        from the same state): returns the piece's outputs, statistics, hidden states and the state after it."""
+        state = state.shallow_copy()
+        layer_checkpointing = [layer.gradient_checkpointing for layer in self.layers]
+        try:  # the piece is the checkpoint; a layer-level one would drop the state (`past_key_values=None`)
+            for layer in self.layers:
+                layer.gradient_checkpointing = False
+            hidden_states, statistics, all_hidden_states = self._run_layers(
+                hidden_states, mask, codebooks, state, lengths, None, output_hidden_states
+            )
+        finally:
+            for layer, enabled in zip(self.layers, layer_checkpointing):
+                layer.gradient_checkpointing = enabled
+        state.advance(lengths, mask.shape[1])
+        return hidden_states, statistics, all_hidden_states, state
+
     def _prepare_cache(self, past_key_values, use_cache):
         """The `LongVQCache` to continue (or a new one), or None when no state is wanted."""
         if use_cache is None:
@@ -1309,6 +1693,14 @@ class LongVQModel(LongVQPreTrainedModel):
         if past_key_values is None:
             return LongVQCache(self.config)
         if isinstance(past_key_values, Cache) and type(past_key_values).__name__ == "LongVQCache":
+            # A state built for another architecture would fail deep inside a layer (or silently skip layers).
+            theirs = getattr(past_key_values, "config", None)
+            for name in _CACHE_SHAPE_FIELDS:
+                if getattr(theirs, name, None) != getattr(self.config, name):
+                    raise ValueError(
+                        f"`past_key_values` was built for a different LongVQ configuration: its {name} is "
+                        f"{getattr(theirs, name, None)}, this model's is {getattr(self.config, name)}."
+                    )
             return past_key_values
         if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
             return LongVQCache(self.config)  # an empty foreign cache (e.g. DynamicCache()) carries nothing to keep
@@ -1347,6 +1739,29 @@ class LongVQModel(LongVQPreTrainedModel):
             dist.broadcast(candidates, src=0)
         for layer, layer_candidates in zip(self.layers, candidates):
             layer.attention.quantizer.restart_dead_codes(self.config.codebook_restart_threshold, layer_candidates)
+
+
+def _check_label_ids(labels: torch.Tensor, size: int, name: str):
+    """Class/token ids must lie in [0, size) or be -100 (ignored); cross-entropy would otherwise fail with an index
+    error on CPU and a device-side assert on GPU."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must be an integer tensor of ids, got dtype {labels.dtype}.")
+    real = labels[labels != -100]
+    if real.numel() and (real.min() < 0 or real.max() >= size):
+        raise ValueError(
+            f"`labels` must be in [0, {name}={size}) or -100 (ignored), got values in [{int(real.min())}, "
+            f"{int(real.max())}]."
+        )
+
+
+def _pick_per_code(candidates):
+    """Restart keys of a forward run in pieces: each code takes the candidate of a random piece. candidates: per
+    piece None or (S, Z)."""
+    if candidates[0] is None:
+        return None
+    stacked = torch.stack(candidates)  # (pieces, S, Z)
+    piece = torch.randint(stacked.shape[0], (stacked.shape[1],), device=stacked.device)
+    return stacked[piece, torch.arange(stacked.shape[1], device=stacked.device)]
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -1429,6 +1844,7 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"`labels` must have shape (batch, length) = {tuple(reference.shape[:2])}, got {tuple(labels.shape)}."
                 )
+            _check_label_ids(labels, self.config.vocab_size, "vocab_size")
         outputs = self.model(
             input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
@@ -1509,6 +1925,13 @@ class LongVQForSequenceClassification(LongVQPreTrainedModel):
         if labels is not None:
             if labels.shape[0] != batch:
                 raise ValueError(f"`labels` must have batch size {batch}, got shape {tuple(labels.shape)}.")
+            if labels.dim() > 2 or (labels.dim() == 2 and labels.shape[1] not in (1, self.num_labels)):
+                raise ValueError(
+                    f"`labels` must have shape (batch,) or (batch, num_labels={self.num_labels}), got {tuple(labels.shape)}."
+                )
+            single_label = self.config.problem_type in (None, "single_label_classification") and self.num_labels > 1
+            if single_label and not labels.is_floating_point() and (labels.dim() == 1 or labels.shape[1] == 1):
+                _check_label_ids(labels, self.num_labels, "num_labels")
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
             loss = loss + self.config.vq_commitment_weight * outputs.commitment_loss
         output = LongVQSequenceClassifierOutput(

@@ -1,6 +1,7 @@
 """Property-based fuzzing (hypothesis, derandomized so CI is reproducible): the block-wise VQ-attention equals the
 dense oracle for random shapes, lengths (1 ... several blocks), paddings, chunk and codebook sizes, dtypes, causal
-and bidirectional, simple and rotary bias; and the full model gives a padded row exactly what it gives that row alone."""
+and bidirectional, simple and rotary bias; and the full model gives a padded row exactly what it gives that row
+alone."""
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from longvq.modeling_longvq import (
 )
 
 FUZZ = settings(
-    deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 PADDINGS = ("none", "left", "right", "both", "all_but_one", "mixed")
 # Tolerances: float32 as the SPEC's identity (1e-5); float64 shows the identity is exact up to rounding.
@@ -93,7 +95,8 @@ def test_blockwise_attention_equals_the_dense_oracle(case):
     grads_fast = torch.autograd.grad((fast * weight).sum(), (query, value, raw_keys))
     grads_slow = torch.autograd.grad((slow * weight).sum(), (query, value, raw_keys))
     for name, g_fast, g_slow in zip(("query", "value", "key"), grads_fast, grads_slow):
-        torch.testing.assert_close(g_fast, g_slow, atol=tolerance, rtol=tolerance, msg=lambda m, name=name: f"{name}: {m}")
+        message = lambda m, name=name: f"{name}: {m}"
+        torch.testing.assert_close(g_fast, g_slow, atol=tolerance, rtol=tolerance, msg=message)
 
 
 _MODELS = {}
@@ -117,7 +120,9 @@ def _model(bidirectional: bool, chunk_size: int, codebook_size: int, bias: str) 
     bias=st.sampled_from(["simple", "rotary"]), real=st.integers(1, 20), left=st.integers(0, 9),
     right=st.integers(0, 9), seed=st.integers(0, 2**31 - 1),
 )  # fmt: skip
-def test_a_padded_row_computes_what_it_computes_alone(bidirectional, chunk_size, codebook_size, bias, real, left, right, seed):
+def test_a_padded_row_computes_what_it_computes_alone(
+    bidirectional, chunk_size, codebook_size, bias, real, left, right, seed
+):
     """Through the whole model (EMA, quantizer, attention, FFN): a row with `left`/`right` padding inside a batch
     equals that row alone, at its real positions, for causal and bidirectional stacks."""
     model = _model(bidirectional, chunk_size, codebook_size, bias)
