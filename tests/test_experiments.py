@@ -47,7 +47,8 @@ class FakeTaskInfo:
 
 def _splits(make, seed, sizes=(96, 32, 32)):
     rng = np.random.default_rng(seed)
-    return DatasetDict({name: Dataset.from_dict(make(rng, n)) for name, n in zip(("train", "validation", "test"), sizes)})
+    names = ("train", "validation", "test")
+    return DatasetDict({name: Dataset.from_dict(make(rng, n)) for name, n in zip(names, sizes)})
 
 
 def build_tokens(seed=0, length=16):
@@ -119,7 +120,8 @@ class FakeCollator:
         length = max(len(f[key]) for f in features)
         mask = torch.tensor([[1] * len(f[key]) + [0] * (length - len(f[key])) for f in features])
         if key == "values":
-            batch["inputs_embeds"] = torch.tensor([f[key] + [0.0] * (length - len(f[key])) for f in features])[..., None]
+            rows = [f[key] + [0.0] * (length - len(f[key])) for f in features]
+            batch["inputs_embeds"] = torch.tensor(rows)[..., None]
         else:
             pad = self.info.pad_token_id
             batch["input_ids"] = torch.tensor([f[key] + [pad] * (length - len(f[key])) for f in features])
@@ -293,7 +295,8 @@ def test_presets_and_overrides():
         80, 6, 1e-3,
     )  # fmt: skip
     quick = get_preset("listops", "quick", {"hidden_size": 48, "data.num_train": 10, "train.batch_size": 4})
-    assert quick["model"]["hidden_size"] == 48 and quick["data"]["num_train"] == 10 and quick["train"]["batch_size"] == 4
+    assert quick["model"]["hidden_size"] == 48
+    assert quick["data"]["num_train"] == 10 and quick["train"]["batch_size"] == 4
     assert get_preset("listops", "quick")["model"]["hidden_size"] == 64  # overrides never leak into PRESETS
     with pytest.raises(ValueError, match="section"):
         get_preset("listops", "quick", {"optim.lr": 1})
@@ -353,3 +356,13 @@ def test_real_task_families(tmp_path, task, arch):
     _check_run(results, tmp_path, steps=3)
     info = experiments.task_info(task)
     assert results["family"] == info.family and results["kind"] == info.kind
+
+
+def test_run_comparison(fake_registry, tmp_path):
+    results, table = experiments.run_comparison(str(tmp_path), tasks=["fake_cls"], archs=["longvq", "llama"],
+                                                time_budget_s=0.3)  # fmt: skip
+    assert [r["arch"] for r in results] == ["longvq", "llama"]
+    assert all(r["time_budget_s"] == 0.3 for r in results)
+    assert (tmp_path / "comparison.md").read_text() == table and "| fake_cls |" in table
+    assert (tmp_path / "comparison.png").exists() and (tmp_path / "fake_cls" / "llama" / "results.json").exists()
+    assert len(json.loads((tmp_path / "comparison.json").read_text())) == 2
