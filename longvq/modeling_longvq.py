@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -207,9 +207,11 @@ class LongVQMultiDimensionalEma(nn.Module):
         steps_back = steps_back * (torch.arange(length, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)
         period = min(_POWER_PERIOD, length)
         periods = -(-length // period)
-        steps_back = F.pad(steps_back, (0, 0, 0, periods * period - length)).view(batch, periods, period, channels)
-        within = torch.einsum("bapd,dnp->bdan", steps_back, _powers(q, torch.arange(period, device=x.device)))
-        state = torch.einsum("bdan,dna->bdn", within, _powers(q, period * torch.arange(periods, device=x.device)))
+        steps_back = F.pad(steps_back, (0, 0, 0, periods * period - length))
+        steps_back = steps_back.view(batch * periods, period, channels).permute(2, 0, 1).contiguous()  # (D, B A, P)
+        within = torch.bmm(steps_back, _powers(q, torch.arange(period, device=x.device)).transpose(1, 2))  # (D, B A, N)
+        outer = _powers(q, period * torch.arange(periods, device=x.device)).transpose(1, 2)  # (D, A, N)
+        state = (within.view(channels, batch, periods, -1) * outer[:, None]).sum(2).transpose(0, 1)  # (B, D, N)
         state = state * gain
         if initial_state is not None:
             state = state + initial_state * _powers(q, lengths.float()).permute(2, 0, 1)
@@ -269,10 +271,13 @@ def _power_sum(weights: torch.Tensor, q: torch.Tensor, start: int, length: int) 
     """
     period = min(_POWER_PERIOD, length)
     periods = -(-length // period)
-    outer = weights.unsqueeze(-1) * _powers(q, start + period * torch.arange(periods, device=q.device))  # (.., c, N, A)
-    within = _powers(q, torch.arange(period, device=q.device))  # (c, N, P)
-    out = torch.einsum("...cna,cnp->...cap", outer, within)
-    return out.flatten(-2)[..., :length]
+    lead, (channels, n) = weights.shape[:-2], weights.shape[-2:]
+    outer = weights.reshape(-1, channels, n, 1) * _powers(q, start + period * torch.arange(periods, device=q.device))
+    rows = outer.shape[0]
+    outer = outer.permute(1, 0, 3, 2).reshape(channels, rows * periods, n)  # (c, M A, N)
+    out = torch.bmm(outer, _powers(q, torch.arange(period, device=q.device)))  # (c, M A, P)
+    out = out.view(channels, rows, periods * period)[..., :length].transpose(0, 1)
+    return out.reshape(*lead, channels, length)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -505,24 +510,23 @@ def vq_attention(
     k_window = torch.cat([neighbour(k, shift) for shift in neighbours], dim=1)  # (Bn, W, Z), Z is narrow
     window_logits = torch.baddbmm((bias + key_bias[:, None, :]).to(q.dtype), q, k_window.transpose(1, 2))
 
-    def window_output(weights):
-        """sum_j w_ij v_j over the window, one bmm per neighbour block on views of v (no window copy of values)."""
-        out = torch.bmm(weights[..., chunk_size * neighbours.index(0) :][..., :chunk_size], v)
-        for shift in neighbours:
-            if shift == 0:
-                continue
-            part = weights[..., chunk_size * neighbours.index(shift) :][..., :chunk_size]
-            if shift < 0:  # block i reads v of block i - 1
-                out[1:] = torch.baddbmm(out[1:], part[1:], v[:-1])
-            else:
-                out[:-1] = torch.baddbmm(out[:-1], part[:-1], v[1:])
+    def window_output(*parts):
+        """sum_j w_ij v_j over the window, given the weights of each neighbour block: one bmm per neighbour on views
+        of v, accumulated in place (no window copy of the values)."""
+        by_shift = dict(zip(neighbours, parts))
+        out = torch.bmm(by_shift[0], v)
+        if -1 in by_shift:  # block i reads v of block i - 1
+            out[1:].baddbmm_(by_shift[-1][1:], v[:-1])
+        if 1 in by_shift:
+            out[:-1].baddbmm_(by_shift[1][:-1], v[1:])
         return out
 
     if not memory:
         weights = torch.softmax(window_logits.to(softmax_dtype), dim=-1).to(v.dtype)
         if dropout > 0 and training:
             weights = F.dropout(weights, p=dropout)
-        return window_output(weights).reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
+        out = window_output(*weights.split(chunk_size, dim=-1))
+        return out.reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
 
     # Memory: every key outside the window, grouped by code. Per-block code counts and value sums are scattered
     # straight into their place in a (B, n + 2, S, ...) grid of block totals (no one-hot); a cumulative sum over
@@ -542,8 +546,8 @@ def vq_attention(
         memory_sums = sums.sum(1, keepdim=True) - sum(padded_sums[:, 1 + i : 1 + i + num_blocks] for i in range(3))
         memory_counts = memory_counts.round()  # exact integers despite the float subtraction
     else:
-        memory_counts = counts.cumsum(1)[:, :num_blocks]
-        memory_sums = sums.cumsum(1)[:, :num_blocks]
+        memory_counts = _prefix_sums(counts)[:, :num_blocks]
+        memory_sums = _prefix_sums(sums)[:, :num_blocks]
         if initial_memory is not None:
             memory_counts = memory_counts + initial_memory[0].unsqueeze(1).to(memory_counts.dtype)
             memory_sums = memory_sums + initial_memory[1].unsqueeze(1).to(memory_sums.dtype)
@@ -557,10 +561,21 @@ def vq_attention(
     weights = torch.softmax(torch.cat([window_logits, memory_logits], dim=-1).to(softmax_dtype), dim=-1).to(v.dtype)
     if dropout > 0 and training:
         weights = F.dropout(weights, p=dropout)
-    width = k_window.shape[1]
-    memory_weights = weights[..., width:] / memory_counts.clamp(min=1).to(v.dtype)
-    out = torch.baddbmm(window_output(weights), memory_weights, memory_sums)
+    *window_weights, memory_weights = weights.split([chunk_size] * len(neighbours) + [s_dim], dim=-1)
+    memory_weights = memory_weights / memory_counts.clamp(min=1).to(v.dtype)
+    out = torch.baddbmm(window_output(*window_weights), memory_weights, memory_sums)
     return out.reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
+
+
+def _prefix_sums(grid: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumulative sum over dim 1 of (B, n, ...). For the few blocks of a segment a product with a
+    triangular matrix of ones is several times faster on CPU than `cumsum` over that strided dim."""
+    blocks = grid.shape[1]
+    if blocks > 64:
+        return grid.cumsum(1)
+    ones = torch.ones(blocks, blocks, device=grid.device, dtype=grid.dtype).tril()
+    with _autocast_off(grid):  # counts and sums stay float32
+        return (ones @ grid.reshape(grid.shape[0], blocks, -1)).view(grid.shape)
 
 
 def _code_value_sums(codes, values, mask, codebook_size):
@@ -576,7 +591,7 @@ def _code_value_sums(codes, values, mask, codebook_size):
 
 def vq_attention_with_state(
     query, key, value, codes, codebook, key_mask, position_bias, chunk_size, state, positions, lengths, fresh,
-    memory=True, keep_keys=False,
+    memory=True,
 ):
     """Causal VQ-attention of T new tokens that continue a decoding state, block-parallel (prefill, chunked prefill).
 
@@ -586,8 +601,7 @@ def vq_attention_with_state(
     `last_block` is the block of its last seen token; the extended sequence runs through `vq_attention` with the
     state's memory as initial memory. A fresh state runs `vq_attention` on the tokens alone. Either way the new
     window and memory are then read off the sequence, and `state` is updated in place. `memory=False`: window-only
-    attention (the memory is still kept, so the state layout does not depend on the flag). `keep_keys`: the new
-    window keeps the straight-through keys (see `LongVQLayerState.window_keys`).
+    attention (the memory is still kept, so the state layout does not depend on the flag).
 
     query/key (B, T, Z), value (B, T, H), codes (B, T), key_mask (B, T); positions, lengths (B,) long; fresh: the
     state has seen no token. Returns (B, T, H).
@@ -614,7 +628,6 @@ def vq_attention_with_state(
         start = torch.full_like(positions, window)  # read the state off [2C empty slots | tokens | spare block]
         index = start[:, None] + torch.arange(length, device=codes.device)
         ext_codes, ext_values, ext_mask = (extend(None, t, window) for t in (codes, value, key_mask))
-        ext_keys = extend(None, key, window) if keep_keys else None
     else:
         last_block = (positions + chunk_size - 1) // chunk_size - 1  # block of the last seen token
         start = positions - (last_block - 1) * chunk_size  # in (C, 2C]
@@ -623,8 +636,7 @@ def vq_attention_with_state(
         ext_codes, ext_values, ext_mask = (
             extend(old, new, window) for old, new in ((window_codes, codes), (window_values, value), (window_mask, key_mask))
         )
-        window_keys = state.window_keys if state.window_keys is not None else F.embedding(window_codes, codebook)
-        ext_keys = extend(window_keys, key, window)
+        ext_keys = extend(F.embedding(window_codes, codebook), key, window)
         ext_query = extend(None, query, window)
         used = slice(0, window + length)
         out = vq_attention(
@@ -643,12 +655,52 @@ def vq_attention_with_state(
     state.set_memory(total, (memory_sums + sums) / total.clamp(min=1).unsqueeze(-1).to(sums.dtype))
     kept = first_kept[:, None] + torch.arange(window, device=codes.device)
     kept_values = ext_values.gather(1, kept.unsqueeze(-1).expand(-1, -1, ext_values.shape[-1]))
-    # Under autograd the window keeps its straight-through keys, so that keys near the end of a piece get their
-    # gradient from the next piece's queries as in a whole-input forward (`LongVQModel._forward_in_segments`).
-    kept_keys = None
-    if keep_keys:
-        kept_keys = ext_keys.gather(1, kept.unsqueeze(-1).expand(-1, -1, ext_keys.shape[-1]))
-    state.set_window(ext_codes.gather(1, kept), kept_values, ext_mask.gather(1, kept), kept_keys)
+    state.set_window(ext_codes.gather(1, kept), kept_values, ext_mask.gather(1, kept))
+    return out
+
+
+@dataclass
+class LongVQSegmentCarry:
+    """What one layer carries from one piece of a long causal input to the next (`LongVQModel._forward_in_segments`).
+
+    Pieces are whole blocks, so the window of a piece's first block is the previous piece's last block and itself:
+    that block is carried whole (its keys keep their straight-through gradient), and every block before it as the
+    memory's per-code counts and value sums. Everything keeps its autograd history, so gradients cross pieces.
+    """
+
+    ema: torch.Tensor | None = None  # (B, D, N) float32 EMA state
+    keys: torch.Tensor | None = None  # (B, C, Z) quantized keys of the last block
+    values: torch.Tensor | None = None  # (B, C, H)
+    codes: torch.Tensor | None = None  # (B, C) long
+    mask: torch.Tensor | None = None  # (B, C) bool
+    memory_counts: torch.Tensor | None = None  # (B, S) float32
+    memory_sums: torch.Tensor | None = None  # (B, S, H) float32
+
+
+def vq_attention_carried(query, key, value, codes, codebook, key_mask, position_bias, chunk_size, carry, memory=True):
+    """Causal VQ-attention of one piece of a long input (whole blocks, except for the last piece), continuing and
+    then updating `carry`: the carried block is put in front of the piece and the carried memory is every block's
+    initial memory. Arguments as for `vq_attention`; returns (B, T, H)."""
+    initial_memory = None
+    if carry.keys is not None:
+        query = F.pad(query, (0, 0, chunk_size, 0))  # the carried block's own outputs are not needed
+        key, value = torch.cat([carry.keys, key], dim=1), torch.cat([carry.values, value], dim=1)
+        codes, key_mask = torch.cat([carry.codes, codes], dim=1), torch.cat([carry.mask, key_mask], dim=1)
+        initial_memory = (carry.memory_counts, carry.memory_sums)
+    out = vq_attention(
+        query, key, value, codes, codebook, key_mask, position_bias, chunk_size, bidirectional=False,
+        initial_memory=initial_memory, memory=memory,
+    )  # fmt: skip
+    if carry.keys is not None:
+        out = out[:, chunk_size:]
+    # The next piece sees this piece's last block in its window; everything before that block joins the memory.
+    folded = key.shape[1] - chunk_size
+    counts, sums = _code_value_sums(codes[:, :folded], value[:, :folded], key_mask[:, :folded], codebook.shape[0])
+    if carry.memory_counts is not None:
+        counts, sums = counts + carry.memory_counts, sums + carry.memory_sums
+    carry.keys, carry.values = key[:, folded:], value[:, folded:]
+    carry.codes, carry.mask = codes[:, folded:], key_mask[:, folded:]
+    carry.memory_counts, carry.memory_sums = counts, sums
     return out
 
 
@@ -738,16 +790,14 @@ class LongVQLayerState:
       - values (B, 2C + S, H): the window's values, then the memory's per-code value means;
       - logit_offsets (B, 2C + S) float32: 0 for a filled window slot, log N_s for a memory code with N_s > 0,
         and a huge negative number for empty entries;
-      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window;
-      - window_keys (B, 2C, Z): only in a forward run in pieces (`LongVQCache.keep_window_keys`), the window's
-        straight-through quantized keys, equal to `codebook[codes]` in value; None otherwise.
+      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window.
     """
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
     supports_early_init = False
-    fields = ("ema", "codes", "values", "logit_offsets", "memory_counts", "window_keys")
+    fields = ("ema", "codes", "values", "logit_offsets", "memory_counts")
 
     def __init__(self):
         self.reset()
@@ -778,9 +828,8 @@ class LongVQLayerState:
         """counts (B, S) float32, value means (B, S, H)."""
         return self.memory_counts, self.values[:, self.window_size :]
 
-    def set_window(self, codes, values, mask, keys=None):
+    def set_window(self, codes, values, mask):
         w = self.window_size
-        self.window_keys = keys
         self.codes = torch.cat([codes, self.codes[:, w:]], dim=1)
         self.values = torch.cat([values.to(self.values.dtype), self.values[:, w:]], dim=1)
         window_offsets_ = torch.where(mask, 0.0, _EMPTY)
@@ -860,7 +909,6 @@ class LongVQCache(Cache):
         self.config = config
         self.positions = None
         self.seen_tokens = 0
-        self.keep_window_keys = False  # set for a forward in pieces, see `LongVQLayerState.window_keys`
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -900,16 +948,6 @@ class LongVQCache(Cache):
             rows=torch.arange(mask.shape[0], device=mask.device), slot=slot, real=mask, all_real=bool(mask.all()),
             starts_block=starts_block, any_starts_block=bool(starts_block.any()),
         )  # fmt: skip
-
-    def shallow_copy(self) -> "LongVQCache":
-        """A new cache holding the same state tensors; updates replace tensors (never write into them), so
-        advancing the copy leaves this cache as it is."""
-        copy = LongVQCache(self.config)
-        for mine, theirs in zip(self.layers, copy.layers):
-            for name in LongVQLayerState.fields:
-                setattr(theirs, name, getattr(mine, name))
-        copy.positions, copy.seen_tokens, copy.keep_window_keys = self.positions, self.seen_tokens, self.keep_window_keys
-        return copy
 
     def advance(self, lengths: torch.Tensor, columns: int):
         """Record that row b moved `lengths[b]` block positions and the input had `columns` columns."""
@@ -990,13 +1028,15 @@ class LongVQGatedAttention(nn.Module):
         self.position_bias = bias_class(config)
         self.out_proj = nn.Linear(h, d)
 
-    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None):
+    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None, carry=None):
         """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z).
 
         With `past_key_values` (a `LongVQCache`) this layer continues its decoding state and updates it: block-
         parallel for several new tokens, where `lengths` (B,) are the block positions each row advances (up to its
-        last real token), or one step with the shared `plan` of a single-token step. Returns (B, T, D) and the layer
-        statistics (None for a single-token step in eval mode, where they would only cost time).
+        last real token), or one step with the shared `plan` of a single-token step. With `carry` (a
+        `LongVQSegmentCarry`) the input is one piece of a long causal input, continuing and updating the carry.
+        Returns (B, T, D) and the layer statistics (None for a single-token step in eval mode, where they would only
+        cost time).
         """
         residual = hidden_states
         x = self.norm(hidden_states, mask) if self.normalize_before else hidden_states
@@ -1007,6 +1047,8 @@ class LongVQGatedAttention(nn.Module):
             if not state.is_initialized:  # created here, on this layer's device
                 state.initialize(self.config, x.shape[0], x.device, value.dtype)
             fresh = state.ema is None  # read before the EMA below sets it
+        if carry is not None:  # every row runs through the whole piece (padding only trails: nothing real follows)
+            state, lengths = carry, torch.full((x.shape[0],), x.shape[1], device=x.device)
         mixed = _dropout(self.ema(x, mask, state, lengths, plan), self.dropout, self.training)
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
@@ -1020,7 +1062,12 @@ class LongVQGatedAttention(nn.Module):
             codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
         else:
             codes = self.quantizer.nearest(key, codebook)
-        if state is None:
+        if carry is not None:
+            attention = vq_attention_carried(
+                query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, carry,
+                self.codebook_memory,
+            )  # fmt: skip
+        elif state is None:
             attention = vq_attention(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size,
                 bidirectional=self.bidirectional, dropout=self.attention_dropout, training=self.training,
@@ -1034,7 +1081,6 @@ class LongVQGatedAttention(nn.Module):
             attention = vq_attention_with_state(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, state,
                 past_key_values.positions.to(x.device), lengths.to(x.device), fresh, self.codebook_memory,
-                past_key_values.keep_window_keys,
             )  # fmt: skip
         gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.dropout, self.training)
         out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
@@ -1080,11 +1126,11 @@ class LongVQBlock(GradientCheckpointingLayer):
         self.attention = LongVQGatedAttention(config, layer_idx)
         self.feed_forward = LongVQNormalizedFeedForward(config)
 
-    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None):
+    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None, carry=None):
         """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,), key sums
         (S, Z) and restart keys (S, Z) as a flat tuple (gradient checkpointing handles tensors only); the statistics
         are None for an eval decoding step, the key sums outside training, the restart keys unless restarts are on."""
-        hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths, plan)
+        hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths, plan, carry)
         hidden_states = self.feed_forward(hidden_states, mask)
         if stats is None:
             return hidden_states, None, None, None, None
@@ -1621,60 +1667,55 @@ class LongVQModel(LongVQPreTrainedModel):
 
     def _forward_in_segments(self, hidden_states, mask, codebooks, segment, output_hidden_states):
         """A causal forward without a cache, of an input longer than `segment`, as consecutive pieces of `segment`
-        tokens: each piece continues the decoding state left by the ones before (EMA state, window, memory), exactly
-        as a chunked prefill does, so the result equals the whole-input forward (to float rounding) while no tensor
-        grows with the input length (tens of MiB tensors cost fresh pages from the OS at every step). With gradient
-        checkpointing on, each piece (all layers) is one checkpoint instead of each layer: activations are kept for
-        one piece at a time and the states between pieces, so training memory no longer grows with the length.
+        tokens through every layer: each layer carries its EMA state, last block and memory from one piece to the
+        next (`LongVQSegmentCarry`), so the result equals the whole-input forward to float rounding while no
+        tensor grows with the input length (tens of MiB tensors cost fresh pages from the OS at every step). With
+        gradient checkpointing on, each (piece, layer) is one checkpoint: training keeps the carries and the layer
+        inputs, and recomputes one piece of one layer at a time, so its memory stops growing with the length.
         Returns what `_run_layers` returns, over the whole input."""
-        batch, length = mask.shape
-        state = LongVQCache(self.config)
-        state.initialize(batch, hidden_states.device, hidden_states.dtype)
-        state.keep_window_keys = True
+        carries = [LongVQSegmentCarry() for _ in self.layers]
         checkpointing = self.training and self.is_activation_checkpointing
-        pieces, piece_statistics, piece_hidden = [], [], []
-        for start in range(0, length, segment):
-            piece_mask = mask[:, start : start + segment]
-            lengths = piece_mask.shape[1] - (~piece_mask).flip(-1).int().cumprod(-1).sum(-1)
-            arguments = (hidden_states[:, start : start + segment], piece_mask, codebooks, state, lengths)
-            if checkpointing:
-                output = checkpoint(
-                    self._run_piece, *arguments, output_hidden_states, use_reentrant=False
-                )
-            else:
-                output = self._run_piece(*arguments, output_hidden_states)
-            piece_output, statistics, hidden, state = output
-            pieces.append(piece_output)
-            piece_statistics.append(statistics)
-            piece_hidden.append(hidden)
-        squared_errors, counts, sums, restart_keys = (list(layers) for layers in zip(*piece_statistics))
-        merged = (
-            [torch.stack(per_piece).sum(0) for per_piece in zip(*squared_errors)],
-            [torch.stack(per_piece).sum(0) for per_piece in zip(*counts)],
-            [None if per_piece[0] is None else torch.stack(per_piece).sum(0) for per_piece in zip(*sums)],
-            [_pick_per_code(per_piece) for per_piece in zip(*restart_keys)],
-        )
+        outputs, hidden_per_piece = [], []
+        statistics = [([], [], [], []) for _ in self.layers]  # per layer, per piece
+        for start in range(0, mask.shape[1], segment):
+            piece, piece_mask = hidden_states[:, start : start + segment], mask[:, start : start + segment]
+            piece_hidden = [piece] if output_hidden_states else None
+            for index, (layer, codebook) in enumerate(zip(self.layers, codebooks)):
+                arguments = (layer, piece, piece_mask, codebook, carries[index])
+                if checkpointing:
+                    result = checkpoint(self._run_layer_on_piece, *arguments, use_reentrant=False)
+                else:
+                    result = self._run_layer_on_piece(*arguments)
+                piece, *layer_statistics, carries[index] = result
+                for collected, value in zip(statistics[index], layer_statistics):
+                    collected.append(value)
+                if output_hidden_states:
+                    piece_hidden.append(piece)
+            outputs.append(piece)
+            hidden_per_piece.append(piece_hidden)
+        squared_errors, counts, sums, restart_keys = ([], [], [], [])
+        for errors, layer_counts, layer_sums, layer_restart_keys in statistics:
+            squared_errors.append(torch.stack(errors).sum(0))
+            counts.append(torch.stack(layer_counts).sum(0))
+            sums.append(None if layer_sums[0] is None else torch.stack(layer_sums).sum(0))
+            restart_keys.append(_pick_per_code(layer_restart_keys))
         all_hidden_states = None
         if output_hidden_states:
-            all_hidden_states = [torch.cat(per_piece, dim=1) for per_piece in zip(*piece_hidden)]
-        return torch.cat(pieces, dim=1), merged, all_hidden_states
+            all_hidden_states = [torch.cat(per_piece, dim=1) for per_piece in zip(*hidden_per_piece)]
+        return torch.cat(outputs, dim=1), (squared_errors, counts, sums, restart_keys), all_hidden_states
 
-    def _run_piece(self, hidden_states, mask, codebooks, state, lengths, output_hidden_states):
-        """All blocks over one piece, continuing `state` without modifying it (a checkpoint recompute replays this
-        from the same state): returns the piece's outputs, statistics, hidden states and the state after it."""
-        state = state.shallow_copy()
-        layer_checkpointing = [layer.gradient_checkpointing for layer in self.layers]
-        try:  # the piece is the checkpoint; a layer-level one would drop the state (`past_key_values=None`)
-            for layer in self.layers:
-                layer.gradient_checkpointing = False
-            hidden_states, statistics, all_hidden_states = self._run_layers(
-                hidden_states, mask, codebooks, state, lengths, None, output_hidden_states
-            )
+    @staticmethod
+    def _run_layer_on_piece(layer, hidden_states, mask, codebook, carry):
+        """One layer over one piece, continuing `carry` without modifying it (a checkpoint recompute replays this
+        from the same carry): returns the layer's outputs and the carry after the piece."""
+        carry = replace(carry)
+        enabled = layer.gradient_checkpointing
+        layer.gradient_checkpointing = False  # the (piece, layer) call is the checkpoint; the layer's own would
+        try:  # replay it with a carry already advanced
+            outputs = layer(hidden_states, mask, codebook=codebook, carry=carry)
         finally:
-            for layer, enabled in zip(self.layers, layer_checkpointing):
-                layer.gradient_checkpointing = enabled
-        state.advance(lengths, mask.shape[1])
-        return hidden_states, statistics, all_hidden_states, state
+            layer.gradient_checkpointing = enabled
+        return (*outputs, carry)
 
     def _prepare_cache(self, past_key_values, use_cache):
         """The `LongVQCache` to continue (or a new one), or None when no state is wanted."""

@@ -122,8 +122,7 @@ def test_reorder_and_batch_operations_cover_every_tensor():
     order = torch.tensor([2, 0, 1])
     cache.reorder_cache(order)
     reordered = [t for layer in cache.layers for t in layer.tensors()] + [cache.positions]
-    decoding_fields = len(LongVQLayerState.fields) - 1  # all but `window_keys`, kept only by a forward in pieces
-    assert len(reordered) == len(tensors) == decoding_fields * model.config.num_hidden_layers + 1
+    assert len(reordered) == len(tensors) == len(LongVQLayerState.fields) * model.config.num_hidden_layers + 1
     for old, new in zip(tensors, reordered):
         assert torch.equal(new, old[order])
     cache.batch_repeat_interleave(2)
