@@ -177,23 +177,57 @@ class LongVQMultiDimensionalEma(nn.Module):
         gain, q = self.coefficients()
         return _power_sum(gain * self.readout(), q, 0, length)
 
-    def convolve(self, x: torch.Tensor, initial_state: torch.Tensor | None = None) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor, initial_state: torch.Tensor | None = None):
         """The raw EMA. x: (B, T, D) with padded positions already zeroed; initial_state: (B, D, N) state before x
-        (causal only). Returns (B, T, D) float32."""
+        (causal only). Returns (B, T, D) float32 and, for a causal EMA, the state after all T steps (B, D, N) (None
+        when bidirectional). A truncated kernel has no recurrence, so it is applied by FFT."""
         length = x.shape[1]
-        kernel_length = length if self.truncation is None else min(self.truncation, length)
-        kernel = self.kernel(kernel_length)
-        x = x.transpose(1, 2)  # (B, D, T)
-        if not self.bidirectional:
-            out = fft_causal_convolution(x, kernel)
-            if initial_state is not None:  # y_t += sum_n eta/sqrt(N) q^(t+1) h_init
-                _, q = self.coefficients()
-                out = out + _power_sum(initial_state * self.readout(), q, 1, length)
-            return out.transpose(1, 2)
-        both = fft_causal_convolution(torch.cat([x, x.flip(-1)], dim=1), kernel)
-        forward, backward = both.split(self.hidden_size, dim=1)
-        backward = F.pad(backward.flip(-1)[..., 1:], (0, 1))  # bwd_{t+1}, zero after the last token
-        return (forward + backward).transpose(1, 2)
+        if self.truncation is not None and self.truncation < length:  # bidirectional only (config validation)
+            both = fft_causal_convolution(torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2), self.kernel(self.truncation))
+            both = both.transpose(1, 2)
+        elif not self.bidirectional:
+            return self.scan(x, initial_state)
+        else:
+            both, _ = self.scan(torch.cat([x, x.flip(1)], dim=-1))
+        forward, backward = both.split(self.hidden_size, dim=-1)
+        backward = F.pad(backward.flip(1)[:, 1:], (0, 0, 0, 1))  # bwd_{t+1}, zero after the last token
+        return forward + backward, None
+
+    def scan(self, x: torch.Tensor, initial_state: torch.Tensor | None = None):
+        """The causal EMA of x (B, T, C) over all C EMA channels (pads zeroed) in blocks of P steps, as matmuls.
+
+        Within a block, each channel applies the (P x P) lower-triangular Toeplitz matrix of the kernel's first P
+        taps. Across blocks, the recurrence is carried by the (B, C, N) states between blocks: each block's own end
+        state `u_a` is a (P x N) matmul, the states `h_a = q^P h_(a-1) + u_a` (from `h_(-1)` = initial_state) follow
+        from an inclusive scan by doubling (log2 of the number of blocks vectorised steps), and a block's outputs
+        add `eta q^(p+1) h_(a-1)`. Returns the output (B, T, C) and the state after step T (B, C, N), float32; the
+        state is None when T is not a multiple of P (the zero-padded tail would have decayed it).
+        """
+        gain, q = self.coefficients()
+        readout = self.readout()
+        batch, length, channels = x.shape
+        period = min(_SCAN_PERIOD, length)
+        pad = -length % period
+        blocks = (length + pad) // period
+        steps = torch.arange(period, device=x.device)
+        x = _Transpose.apply(F.pad(x.float(), (0, 0, 0, pad)).view(-1, channels)).view(channels, batch * blocks, period)
+        taps = _power_sum(gain * readout, q, 0, period)  # (C, P): K[0..P-1]
+        lag = steps[:, None] - steps[None, :]
+        toeplitz = taps[:, lag.clamp(min=0)] * (lag >= 0)  # (C, P, P): [p, r] = K[p - r]
+        out = torch.bmm(x, toeplitz.transpose(1, 2))  # (C, BA, P)
+        ends = torch.bmm(x, (gain.unsqueeze(-1) * _powers(q, period - 1 - steps)).transpose(1, 2))  # (C, BA, N)
+        # The initial state enters as a block of its own in front: states[0] = h_(-1), states[a + 1] = h_a.
+        first = initial_state.transpose(0, 1) if initial_state is not None else ends.new_zeros(channels, batch, q.shape[1])
+        states = torch.cat([first.unsqueeze(2), ends.view(channels, batch, blocks, -1)], dim=2)  # (C, B, A + 1, N)
+        span = 1
+        while span <= blocks:  # after this step, states[a] sums the blocks (a - 2 span, a]
+            decay = _powers(q, torch.tensor([period * span], device=x.device)).view(channels, 1, 1, -1)
+            states = states + decay * F.pad(states[:, :, :-span], (0, 0, span, 0))
+            span *= 2
+        starts = states[:, :, :-1].reshape(channels, batch * blocks, -1)  # the state before each block
+        out = torch.baddbmm(out, starts, readout.unsqueeze(-1) * _powers(q, steps + 1))  # + (C, N, P)
+        out = _Transpose.apply(out.view(channels, -1)).view(batch, blocks * period, channels)[:, :length]
+        return out, (states[:, :, -1].transpose(0, 1) if pad == 0 else None)
 
     def final_state(self, x: torch.Tensor, lengths: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
         """Recurrent state (B, D, N) float32 after the first `lengths[b]` steps of row b of x (B, T, D), pads zeroed:
@@ -238,12 +272,11 @@ class LongVQMultiDimensionalEma(nn.Module):
             return F.silu(ema.unsqueeze(1).to(x.dtype) + x * self.residual_weight)  # padded rows: output unused
         x = x * mask.unsqueeze(-1).to(x.dtype)
         with _autocast_off(x):
-            if state is None:
-                ema = self.convolve(x)
-            else:
-                initial = state.ema  # None before the state's first tokens
-                ema = self.convolve(x, initial)
-                state.ema = self.final_state(x, lengths, initial)
+            initial = None if state is None else state.ema  # None before the state's first tokens
+            ema, final = self.convolve(x, initial)
+            if state is not None:  # rows that end early (padding) need the state at their own last step
+                whole = final is not None and bool((lengths == x.shape[1]).all())
+                state.ema = final if whole else self.final_state(x, lengths, initial)
         return F.silu(ema.to(x.dtype) + x * self.residual_weight)
 
 
@@ -260,6 +293,21 @@ def _powers(q: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     return torch.exp((exponents.float()[None, None, :] * torch.log(q)[:, :, None]).clamp(min=_SMALLEST_LOG_POWER))
 
 
+class _Transpose(torch.autograd.Function):
+    """The transpose of a matrix as a contiguous tensor, in forward and backward: PyTorch's 2-D transposing copy is
+    several times faster than a permuting copy of the same data, and a contiguous gradient spares `bmm` a copy per
+    batch matrix."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.t().contiguous()
+
+
+_SCAN_PERIOD = 64  # block length P of `LongVQMultiDimensionalEma.scan`
 _POWER_PERIOD = 64  # period P of the factorised power sums: (D, N, P) and (D, N, T / P) powers instead of (D, N, T)
 
 
@@ -1083,7 +1131,8 @@ class LongVQGatedAttention(nn.Module):
                 past_key_values.positions.to(x.device), lengths.to(x.device), fresh, self.codebook_memory,
             )  # fmt: skip
         gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.dropout, self.training)
-        out = torch.addcmul(residual, torch.sigmoid(update), gated - residual)
+        # residual + sigmoid(u) (gated - residual), fused; the residual stream keeps its dtype under autocast
+        out = torch.lerp(residual, gated.to(residual.dtype), torch.sigmoid(update).to(residual.dtype))
         if not self.normalize_before:
             out = self.norm(out, mask)
         if not statistics_needed:
