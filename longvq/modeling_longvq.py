@@ -556,7 +556,6 @@ def vq_attention(
     key_allowed = torch.cat(key_allowed, dim=1)  # (Bn, W)
     key_bias = torch.zeros(key_allowed.shape, device=query.device, dtype=softmax_dtype).masked_fill(~key_allowed, never)
     k_window = torch.cat([neighbour(k, shift) for shift in neighbours], dim=1)  # (Bn, W, Z), Z is narrow
-    window_logits = torch.baddbmm((bias + key_bias[:, None, :]).to(q.dtype), q, k_window.transpose(1, 2))
 
     def window_output(*parts):
         """sum_j w_ij v_j over the window, given the weights of each neighbour block: one bmm per neighbour on views
@@ -570,6 +569,7 @@ def vq_attention(
         return out
 
     if not memory:
+        window_logits = torch.baddbmm((bias + key_bias[:, None, :]).to(q.dtype), q, k_window.transpose(1, 2))
         weights = torch.softmax(window_logits.to(softmax_dtype), dim=-1).to(v.dtype)
         if dropout > 0 and training:
             weights = F.dropout(weights, p=dropout)
@@ -601,12 +601,15 @@ def vq_attention(
             memory_sums = memory_sums + initial_memory[1].unsqueeze(1).to(memory_sums.dtype)
     memory_counts = memory_counts.reshape(batch * num_blocks, 1, s_dim)
     memory_sums = memory_sums.reshape(batch * num_blocks, s_dim, h_dim).to(v.dtype)
-    # logit q.C_s / sqrt(Z) + log N_s (never where N_s = 0); the value M_s = sums_s / N_s enters as w_s / N_s.
+    # Memory logit q.C_s / sqrt(Z) + log N_s (never where N_s = 0); its value M_s = sums_s / N_s enters as w_s / N_s.
+    # Window and memory logits come out of one bmm against [window keys | codewords], the additive terms
+    # (position bias and causal mask per query slot; key mask and log counts per block) summed into its input.
     log_counts = torch.where(memory_counts > 0, memory_counts.clamp(min=1).log(), never)
-    memory_logits = (q.reshape(-1, z_dim) @ codebook.to(q.dtype).t()).view(q.shape[0], chunk_size, s_dim)
-    memory_logits = memory_logits + log_counts.to(q.dtype)
-
-    weights = torch.softmax(torch.cat([window_logits, memory_logits], dim=-1).to(softmax_dtype), dim=-1).to(v.dtype)
+    keys = torch.cat([k_window, codebook.to(k_window.dtype).expand(k_window.shape[0], -1, -1)], dim=1)
+    per_slot = F.pad(bias, (0, s_dim))  # (C, W + S)
+    per_block = torch.cat([key_bias, log_counts.view(-1, s_dim)], dim=-1)  # (Bn, W + S)
+    logits = torch.baddbmm((per_slot + per_block[:, None, :]).to(q.dtype), q, keys.transpose(1, 2))
+    weights = torch.softmax(logits.to(softmax_dtype), dim=-1).to(v.dtype)
     if dropout > 0 and training:
         weights = F.dropout(weights, p=dropout)
     *window_weights, memory_weights = weights.split([chunk_size] * len(neighbours) + [s_dim], dim=-1)
