@@ -209,23 +209,22 @@ class LongVQMultiDimensionalEma(nn.Module):
         period = min(_SCAN_PERIOD, length)
         pad = -length % period
         blocks = (length + pad) // period
-        steps = torch.arange(period, device=x.device)
         x = _Transpose.apply(F.pad(x.float(), (0, 0, 0, pad)).view(-1, channels)).view(channels, batch * blocks, period)
-        taps = _power_sum(gain * readout, q, 0, period)  # (C, P): K[0..P-1]
-        lag = steps[:, None] - steps[None, :]
-        toeplitz = taps[:, lag.clamp(min=0)] * (lag >= 0)  # (C, P, P): [p, r] = K[p - r]
-        out = torch.bmm(x, toeplitz.transpose(1, 2))  # (C, BA, P)
-        ends = torch.bmm(x, (gain.unsqueeze(-1) * _powers(q, period - 1 - steps)).transpose(1, 2))  # (C, BA, N)
+        powers = _powers(q, torch.arange(period + 1, device=x.device))  # (C, N, P + 1): q^0 .. q^P
+        taps = torch.linalg.vecdot(powers[..., :period], (gain * readout).unsqueeze(-1), dim=1)  # (C, P): K[0..P-1]
+        # (C, P, P) with [r, p] = K[p - r] (zero for p < r): windows of the zero-padded taps, newest first.
+        toeplitz = F.pad(taps, (period - 1, 0)).unfold(-1, period, 1).flip(1)
+        out = torch.bmm(x, toeplitz)  # (C, BA, P)
+        ends = torch.bmm(x, (gain.unsqueeze(-1) * powers[..., :period].flip(-1)).transpose(1, 2))  # (C, BA, N)
         # The initial state enters as a block of its own in front: states[0] = h_(-1), states[a + 1] = h_a.
         first = initial_state.transpose(0, 1) if initial_state is not None else ends.new_zeros(channels, batch, q.shape[1])
         states = torch.cat([first.unsqueeze(2), ends.view(channels, batch, blocks, -1)], dim=2)  # (C, B, A + 1, N)
-        span = 1
+        span, decay = 1, powers[..., period]  # q^(P span)
         while span <= blocks:  # after this step, states[a] sums the blocks (a - 2 span, a]
-            decay = _powers(q, torch.tensor([period * span], device=x.device)).view(channels, 1, 1, -1)
-            states = states + decay * F.pad(states[:, :, :-span], (0, 0, span, 0))
-            span *= 2
+            states = states + decay.view(channels, 1, 1, -1) * F.pad(states[:, :, :-span], (0, 0, span, 0))
+            span, decay = 2 * span, (decay * decay).clamp(min=math.exp(_SMALLEST_LOG_POWER))
         starts = states[:, :, :-1].reshape(channels, batch * blocks, -1)  # the state before each block
-        out = torch.baddbmm(out, starts, readout.unsqueeze(-1) * _powers(q, steps + 1))  # + (C, N, P)
+        out = torch.baddbmm(out, starts, readout.unsqueeze(-1) * powers[..., 1:])  # + (C, N, P)
         out = _Transpose.apply(out.view(channels, -1)).view(batch, blocks * period, channels)[:, :length]
         return out, (states[:, :, -1].transpose(0, 1) if pad == 0 else None)
 
