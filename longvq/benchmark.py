@@ -73,6 +73,8 @@ def build_models(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, 
 
 DEFAULT_TRAIN_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 DEFAULT_MAMBA_LENGTHS = (256, 1024)  # HF Mamba's CPU path scans token by token: minutes per step beyond this
+DEFAULT_CHECKPOINTING_LENGTHS = (1024, 16384, 65536)  # the "+ckpt" variants, for the memory comparison
+SLOW_STEP_SECONDS = 30.0  # a warm-up step slower than this is the measurement (warm-up effects are noise there)
 TRAIN_MODELS = ("longvq", "longvq+ckpt", "llama", "llama+ckpt", "mamba")  # "+ckpt": activation checkpointing on
 
 
@@ -129,8 +131,9 @@ def measure_train_point(
     max_steps: int = 5, seed: int = 0,
 ) -> TrainResult:
     """Time forward + backward of one model on one random batch of `length` tokens, in this process: one warm-up
-    step, then steps until `min_seconds` have passed (at most `max_steps`); the median step is reported. Peak memory
-    is this process's high-water resident memory over the steps, less its resident memory before them."""
+    step, then steps until `min_seconds` have passed (at most `max_steps`); the median step is reported (a warm-up
+    step slower than `SLOW_STEP_SECONDS` is reported itself). Peak memory is this process's high-water resident
+    memory over the steps, less its resident memory before them."""
     base, _, checkpointing = name.partition("+")
     model = build_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
     if checkpointing:
@@ -142,14 +145,17 @@ def measure_train_point(
         model(ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()
-    times, system = [], 0.0
-    while len(times) < max(1, max_steps) and (sum(times) < min_seconds or not times):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
-        start = time.perf_counter()
+    def timed_step():
+        before, start = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-        system += resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+        return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+
+    warm_up, warm_up_system = timed_step()
+    times, system = ([warm_up], warm_up_system) if warm_up > SLOW_STEP_SECONDS else ([], 0.0)
+    while len(times) < max(1, max_steps) and (sum(times) < min_seconds or not times):
+        seconds, system_seconds = timed_step()
+        times.append(seconds)
+        system += system_seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     seconds = sorted(times)[len(times) // 2]
     flops = longvq_train_flops(model.config, length) if base == "longvq" else None
@@ -170,13 +176,14 @@ def run_train_point(name: str, length: int, **kwargs) -> TrainResult:
 
 
 def run_train(
-    lengths=DEFAULT_TRAIN_LENGTHS, models=TRAIN_MODELS, mamba_lengths=DEFAULT_MAMBA_LENGTHS, max_llama_length=None,
-    **kwargs,
+    lengths=DEFAULT_TRAIN_LENGTHS, models=TRAIN_MODELS, mamba_lengths=DEFAULT_MAMBA_LENGTHS,
+    checkpointing_lengths=DEFAULT_CHECKPOINTING_LENGTHS, max_llama_length=None, **kwargs,
 ) -> list[TrainResult]:
-    """Every (model, length) point, shortest first; Mamba only at `mamba_lengths`, Llama up to `max_llama_length`."""
+    """Every (model, length) point, shortest first; Mamba only at `mamba_lengths`, the checkpointing variants at
+    `checkpointing_lengths`, Llama up to `max_llama_length`."""
     work = []
     for name in models:
-        model_lengths = mamba_lengths if name == "mamba" else lengths
+        model_lengths = {"mamba": mamba_lengths}.get(name, checkpointing_lengths if "+ckpt" in name else lengths)
         if name.startswith("llama") and max_llama_length:
             model_lengths = [n for n in model_lengths if n <= max_llama_length]
         work += [(name, n) for n in model_lengths]
@@ -372,7 +379,9 @@ def _print_targets(targets: dict):
 def _train(args) -> dict:
     sizes = {"hidden_size": args.hidden_size, "num_layers": args.layers, "min_seconds": args.min_seconds}
     sizes["threads"] = args.threads
-    results = run_train(args.lengths, tuple(args.models), args.mamba_lengths, args.max_llama_length, **sizes)
+    results = run_train(
+        args.lengths, tuple(args.models), args.mamba_lengths, args.checkpointing_lengths, args.max_llama_length, **sizes
+    )
     flops_point = None
     if args.flops_hidden_size:
         flops_sizes = {**sizes, "hidden_size": args.flops_hidden_size}
@@ -420,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
             mode.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_TRAIN_LENGTHS))
             mode.add_argument("--models", nargs="+", default=list(TRAIN_MODELS), choices=TRAIN_MODELS)
             mode.add_argument("--mamba-lengths", type=int, nargs="+", default=list(DEFAULT_MAMBA_LENGTHS))
+            mode.add_argument(
+                "--checkpointing-lengths", type=int, nargs="+", default=list(DEFAULT_CHECKPOINTING_LENGTHS),
+                help="lengths of the activation-checkpointing variants (longvq+ckpt, llama+ckpt)",
+            )  # fmt: skip
             mode.add_argument("--max-llama-length", type=int, default=None, help="skip longer Llama points")
             mode.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per point (>= 1 step)")
             mode.add_argument("--flops-hidden-size", type=int, default=512, help="width of the FLOP/s point (0: skip)")

@@ -79,9 +79,12 @@ def test_train_targets_and_table_from_results():
 
 
 def test_train_cli_runs_points_in_subprocesses(tmp_path, capsys):
-    main(["train", "--lengths", "64", "--models", "longvq", "llama", "--hidden-size", "32", "--layers", "1",
+    main(["train", "--lengths", "64", "--models", "longvq", "llama", "longvq+ckpt", "--checkpointing-lengths", "32",
+          "--hidden-size", "32", "--layers", "1",
           "--min-seconds", "0", "--flops-hidden-size", "0", "--out", str(tmp_path)])  # fmt: skip
     payload = json.loads((tmp_path / "train.json").read_text())
-    assert {r["model"] for r in payload["train"]["results"]} == {"longvq", "llama"}
+    assert {(r["model"], r["length"]) for r in payload["train"]["results"]} == {
+        ("longvq", 64), ("llama", 64), ("longvq+ckpt", 32),
+    }
     assert (tmp_path / "train.png").stat().st_size > 0
     assert "| length |" in capsys.readouterr().out
