@@ -373,6 +373,8 @@ def _llama_fields(info, hidden: int, intermediate: int, layers: int, preset: Map
         "num_labels": info.num_labels or 2,
         "input_dim": info.input_dim,
         "use_cache": False,
+        "bos_token_id": None,  # no special tokens in these tasks (and none exist for continuous inputs)
+        "eos_token_id": None,
     }
 
 
@@ -826,6 +828,7 @@ def run_experiment(
         "preset_settings": resolved,
         "data_args": data_args,
         "dataset_sizes": {split: len(ds) for split, ds in datasets.items()},
+        "chance": majority_rate(datasets["test"]) if info.kind == "classification" else None,
     }
     if save_model:
         trainer.save_model(output_dir)
@@ -837,6 +840,12 @@ def run_experiment(
     if plot:
         plot_curve(results, os.path.join(output_dir, CURVE_FILE))
     return results
+
+
+def majority_rate(split) -> float:
+    """Accuracy of always predicting the most frequent class of `split` (its `label` column): the chance level."""
+    counts = np.bincount(np.asarray(split["label"], dtype=np.int64))
+    return float(counts.max() / max(counts.sum(), 1))
 
 
 def _curve(log_history) -> dict:
@@ -966,7 +975,7 @@ def comparison_table(results: list[Mapping], budget_s: float | None = None, note
     for result in results:
         by_task.setdefault(result["task"], {})[result["arch"]] = result
     labels = [ARCHITECTURE_LABELS[a] for a in archs]
-    header = ["Task", "Metric", *labels, "Params (" + " / ".join(labels) + ")", "Steps (" + " / ".join(labels) + ")",
+    header = ["Task", "Metric", "Chance", *labels, "Params (" + " / ".join(labels) + ")", "Steps (" + " / ".join(labels) + ")",
               "Paper: setting", "Paper MEGA", "Paper MEGA-chunk", "Paper Transformer"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     tasks = [t for t in COMPARISON_TASKS if t in by_task or t in (notes or {})]
@@ -975,7 +984,7 @@ def comparison_table(results: list[Mapping], budget_s: float | None = None, note
         published = PUBLISHED.get(task, ("–", "–", "–", "–"))
         runs = by_task.get(task, {})
         if not runs:
-            cells = [task, "–", (notes or {}).get(task, "not run"), *([""] * (len(archs) + 1))]
+            cells = [task, "–", "–", (notes or {}).get(task, "not run"), *([""] * (len(archs) + 1))]
             lines.append("| " + " | ".join([*cells, *published]) + " |")
             continue
         any_run = next(iter(runs.values()))
@@ -986,12 +995,14 @@ def comparison_table(results: list[Mapping], budget_s: float | None = None, note
         shown = []
         for arch in archs:
             text = format_metric(values[arch], metric)
-            is_best = values[arch] is not None and values[arch] == best and len(present) > 1
+            # Bold the best only when it is better than some other run (three runs at chance: nothing in bold).
+            is_best = values[arch] is not None and values[arch] == best and any(v != best for v in present)
             shown.append(f"**{text}**" if is_best else text)
         params = " / ".join(f"{runs[a]['params'] / 1e3:.1f}k" if a in runs else "–" for a in archs)
         steps = " / ".join(str(runs[a]["steps"]) if a in runs else "–" for a in archs)
         metric_name = "accuracy" if metric == "accuracy" else "bits/byte (lower is better)"
-        lines.append("| " + " | ".join([task, metric_name, *shown, params, steps, *published]) + " |")
+        chance = format_metric(any_run.get("chance"), metric)
+        lines.append("| " + " | ".join([task, metric_name, chance, *shown, params, steps, *published]) + " |")
     intro = []
     if budget_s is not None:
         intro.append(f"Every model trained for the same {budget_s:g} s of optimizer steps (quick presets, CPU).")
@@ -1158,7 +1169,19 @@ def compare_main(argv=None) -> str:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars for every run")
+    parser.add_argument("--rebuild-table", action="store_true",
+                        help="only rewrite comparison.md from the comparison.json in --output-dir")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.rebuild_table:
+        with open(os.path.join(args.output_dir, "comparison.json"), encoding="utf-8") as f:
+            results = json.load(f)
+        budgets = {r.get("time_budget_s") for r in results}
+        archs = [arch for arch in ARCHITECTURES if any(r["arch"] == arch for r in results)]
+        table = comparison_table(results, budgets.pop() if len(budgets) == 1 else None, archs=archs)
+        with open(os.path.join(args.output_dir, "comparison.md"), "w", encoding="utf-8") as f:
+            f.write(table)
+        print(table)
+        return table
     unknown = [t for t in args.tasks if t not in _known_tasks()]
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(_known_tasks())}")

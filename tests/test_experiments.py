@@ -177,6 +177,8 @@ def _check_run(results, output_dir, steps):
     losses = [loss for _, loss in results["curve"]["train_loss"]]
     assert losses and all(math.isfinite(x) for x in losses)
     assert results["params"] > 0 and results["tokens_per_s"] > 0 and results["train_time_s"] > 0
+    if results["kind"] == "classification":
+        assert 0.0 < results["chance"] <= 1.0
     test = results["metrics"]["test"][results["metric"]]
     if results["metric"] == "accuracy":
         assert 0.0 <= test <= 1.0
@@ -309,20 +311,23 @@ def test_presets_and_overrides():
 
 def _fake_result(task, arch, value, metric="accuracy", params=1000):
     return {"task": task, "arch": arch, "metric": metric, "higher_is_better": metric == "accuracy",
-            "params": params, "steps": 10, "metrics": {"test": {metric: value}}}  # fmt: skip
+            "params": params, "steps": 10, "metrics": {"test": {metric: value}},
+            "chance": 0.2 if metric == "accuracy" else None}  # fmt: skip
 
 
 def test_comparison_table():
     results = [
         _fake_result("listops", "longvq", 0.40), _fake_result("listops", "llama", 0.30, params=1100),
         _fake_result("listops", "mega_chunk", 0.35), _fake_result("text_lm", "longvq", 2.5, "bpb"),
-        _fake_result("text_lm", "llama", 2.4, "bpb"),
+        _fake_result("text_lm", "llama", 2.4, "bpb"), _fake_result("pathfinder", "longvq", 0.5),
+        _fake_result("pathfinder", "llama", 0.5),
     ]  # fmt: skip
     table = comparison_table(results, budget_s=30, notes={"speech": "skipped: not installed"})
     lines = [line for line in table.splitlines() if line.startswith("|")]
-    assert len(lines) == 2 + 3 and "30 s" in table
+    assert len(lines) == 2 + 4 and "30 s" in table
+    assert "**" not in next(line for line in lines if line.startswith("| pathfinder"))  # a tie is nobody's win
     listops = next(line for line in lines if line.startswith("| listops"))
-    assert "**40.0%**" in listops and "30.0%" in listops and "1.0k / 1.1k / 1.0k" in listops and "63.14" in listops
+    assert "**40.0%**" in listops and "| 20.0% |" in listops and "30.0%" in listops and "1.0k / 1.1k / 1.0k" in listops and "63.14" in listops
     text_lm = next(line for line in lines if line.startswith("| text_lm"))
     assert "**2.400**" in text_lm and "| – |" in text_lm  # lower bpb wins; MEGA-chunk missing
     assert "skipped: not installed" in next(line for line in lines if line.startswith("| speech"))
@@ -366,3 +371,5 @@ def test_run_comparison(fake_registry, tmp_path):
     assert (tmp_path / "comparison.md").read_text() == table and "| fake_cls |" in table
     assert (tmp_path / "comparison.png").exists() and (tmp_path / "fake_cls" / "llama" / "results.json").exists()
     assert len(json.loads((tmp_path / "comparison.json").read_text())) == 2
+    (tmp_path / "comparison.md").unlink()
+    assert experiments.compare_main(["--output-dir", str(tmp_path), "--rebuild-table"]) == table
