@@ -14,25 +14,8 @@ def dense_vq_attention(query, key, value, key_mask, position_bias, chunk_size, b
     block(i) - block(j) is 0 or 1 (causal, with j <= i) or |block(i) - block(j)| <= 1 (bidirectional).
     Outside the window the key is read without gradient, as the block-wise memory reads the codebook.
     """
-    length, z_dim = query.shape[1], query.shape[-1]
-    positions = torch.arange(length)
-    offsets = positions[:, None] - positions[None, :]  # i - j
-    block_gap = positions[:, None] // chunk_size - positions[None, :] // chunk_size
-    if bidirectional:
-        in_window = block_gap.abs() <= 1
-        visible = torch.ones(length, length, dtype=torch.bool)
-    else:
-        in_window = (block_gap == 0) | (block_gap == 1)
-        visible = offsets >= 0
-    near = query @ key.transpose(-1, -2) / math.sqrt(z_dim) + position_bias(offsets)
-    far = query @ key.detach().transpose(-1, -2) / math.sqrt(z_dim)
-    logits = torch.where(in_window, near, far)
-    allowed = visible & key_mask[:, None, :]
-    if not memory:
-        allowed = allowed & in_window
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return weights @ value
+    positions = torch.arange(query.shape[1])
+    return _attention_at(query, positions, key, value, key_mask, position_bias, chunk_size, bidirectional, memory)
 
 
 def ema_recurrence(ema, x):
@@ -72,18 +55,26 @@ def dense_vq_attention_rows(query, key, value, key_mask, position_bias, chunk_si
     Same arguments as `dense_vq_attention` plus rows (R,) long. Returns (B, R, H): row r is the attention output at
     position rows[r].
     """
-    length, z_dim = query.shape[1], query.shape[-1]
-    positions = torch.arange(length)
-    offsets = rows[:, None] - positions[None, :]  # (R, T): i - j
-    block_gap = rows[:, None] // chunk_size - positions[None, :] // chunk_size
+    return _attention_at(query[:, rows], rows, key, value, key_mask, position_bias, chunk_size, bidirectional, memory)
+
+
+def _attention_at(queries, positions, key, value, key_mask, position_bias, chunk_size, bidirectional, memory):
+    """The dense oracle for the queries (B, R, Z) at sequence positions `positions` (R,) long, against all T keys:
+    window and visibility masks from block indices, positional bias inside the window, keys read without gradient
+    outside it, padded keys (and with `memory=False` keys outside the window) masked out. Returns (B, R, H)."""
+    length, z_dim = key.shape[1], queries.shape[-1]
+    key_positions = torch.arange(length)
+    offsets = positions[:, None] - key_positions[None, :]  # (R, T): i - j
+    block_gap = positions[:, None] // chunk_size - key_positions[None, :] // chunk_size
     if bidirectional:
         in_window = block_gap.abs() <= 1
-        visible = torch.ones(len(rows), length, dtype=torch.bool)
+        visible = torch.ones(len(positions), length, dtype=torch.bool)
     else:
         in_window = (block_gap == 0) | (block_gap == 1)
         visible = offsets >= 0
-    scores = query[:, rows] @ key.transpose(-1, -2) / math.sqrt(z_dim)
-    logits = torch.where(in_window, scores + position_bias(offsets), scores)
+    near = queries @ key.transpose(-1, -2) / math.sqrt(z_dim) + position_bias(offsets)
+    far = queries @ key.detach().transpose(-1, -2) / math.sqrt(z_dim)
+    logits = torch.where(in_window, near, far)
     allowed = visible & key_mask[:, None, :]
     if not memory:
         allowed = allowed & in_window

@@ -1,5 +1,5 @@
-"""Plumbing shared by the task builders: the missing-source error, argument checks, fast Arrow tables and the
-on-disk cache.
+"""Plumbing shared by the task builders: the missing-source error, argument checks, split sizes, fast Arrow tables
+(and whole splits of classification and per-position-label tasks built from them) and the on-disk cache.
 
 Cache convention (every builder and `build_task`):
 
@@ -71,6 +71,11 @@ def check_split_sizes(num_train, num_validation, num_test) -> None:
     check_non_negative(num_validation=num_validation, num_test=num_test)
 
 
+def split_sizes(num_train: int, num_validation: int, num_test: int) -> dict[str, int]:
+    """{"train": num_train, "validation": num_validation, "test": num_test}, in the order of `SPLITS`."""
+    return dict(zip(SPLITS, (num_train, num_validation, num_test)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Arrow tables
 # ---------------------------------------------------------------------------------------------------------------------
@@ -104,6 +109,42 @@ def make_dataset(columns: Mapping[str, Any], features) -> Any:
     }
     table = pa.table(arrays).select(list(features)).cast(features.arrow_schema)
     return Dataset(table, info=DatasetInfo(features=features))
+
+
+def classification_split(column: str, rows: np.ndarray | Sequence[np.ndarray], labels, names: Sequence[str], dtype):
+    """One split of a classification task as a `datasets.Dataset` with three columns: `column` ("input_ids" or
+    "values": `rows`, a 2-D array or a list of 1-D arrays as for `list_column`, stored as lists of `dtype`), `label`
+    (`labels` as a `ClassLabel` named `names`) and `length` (int32, each row's length)."""
+    from datasets import ClassLabel, Features, List, Value
+
+    dtype = np.dtype(dtype)
+    features = Features(
+        {column: List(Value(dtype.name)), "label": ClassLabel(names=list(names)), "length": Value("int32")}
+    )
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:
+        lengths = np.full(len(rows), rows.shape[1], np.int32)
+    else:
+        lengths = np.asarray([len(r) for r in rows], np.int32)
+    columns = {column: list_column(rows, dtype), "label": np.asarray(labels, np.int64), "length": lengths}
+    return make_dataset(columns, features)
+
+
+def labelled_tokens_split(inputs: np.ndarray, labels: np.ndarray, dtype):
+    """One split of a task with per-position labels (language modelling, MQAR) as a `datasets.Dataset`:
+    `input_ids` and `labels` (2-D arrays (n, T) of the same shape, stored as lists of `dtype`) and `length` (int32,
+    T for every row)."""
+    from datasets import Features, List, Value
+
+    dtype = np.dtype(dtype)
+    features = Features(
+        {"input_ids": List(Value(dtype.name)), "labels": List(Value(dtype.name)), "length": Value("int32")}
+    )
+    columns = {
+        "input_ids": list_column(inputs, dtype),
+        "labels": list_column(labels, dtype),
+        "length": np.full(len(inputs), inputs.shape[1], np.int32),
+    }
+    return make_dataset(columns, features)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from .common import (
     TaskSourceMissing,
     cached,
     check_non_negative,
-    list_column,
-    make_dataset,
+    classification_split,
 )
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
@@ -72,7 +71,7 @@ def load_fashion_mnist(source_dir=DEFAULT_SOURCE_DIR) -> dict[str, tuple[np.ndar
 
 def generate_fashion_mnist(seed, num_train, num_validation, num_test, pixels, side, source_dir):
     """The three splits without caching (see `fashion_mnist`)."""
-    from datasets import ClassLabel, DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     arrays = load_fashion_mnist(source_dir)
     rng = np.random.default_rng(seed)
@@ -93,13 +92,6 @@ def generate_fashion_mnist(seed, num_train, num_validation, num_test, pixels, si
         test_index = np.sort(rng.permutation(len(test_images))[:num_test])
 
     column = "input_ids" if pixels == "tokens" else "values"
-    features = Features(
-        {
-            column: List(Value("uint8" if pixels == "tokens" else "float32")),
-            "label": ClassLabel(names=list(CLASS_NAMES)),
-            "length": Value("int32"),
-        }
-    )
     splits = {}
     for name, images, labels, index in (
         ("train", train_images, train_labels, train_index),
@@ -113,14 +105,7 @@ def generate_fashion_mnist(seed, num_train, num_validation, num_test, pixels, si
             chosen = np.pad(chosen, ((0, 0), (before, after), (before, after)))
         flat = chosen.reshape(len(chosen), -1)
         data = flat if pixels == "tokens" else flat.astype(np.float32) / 255.0
-        splits[name] = make_dataset(
-            {
-                column: list_column(data, data.dtype),
-                "label": labels[index].astype(np.int64),
-                "length": np.full(len(flat), flat.shape[1], np.int32),
-            },
-            features,
-        )
+        splits[name] = classification_split(column, data, labels[index], CLASS_NAMES, data.dtype)
     return DatasetDict(splits)
 
 

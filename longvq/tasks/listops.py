@@ -24,8 +24,8 @@ from .common import (
     check_fraction,
     check_positive,
     check_split_sizes,
-    list_column,
-    make_dataset,
+    classification_split,
+    split_sizes,
 )
 
 PAD, DIGIT_0, CLOSE = 0, 1, 15
@@ -139,7 +139,7 @@ def generate_listops(
     """Generate the three splits (no caching): a `DatasetDict` with `input_ids` (uint8 token ids), `label`
     (ClassLabel 0-9) and `length`. Raises RuntimeError if `max_attempts` trees (default 1000 per wanted example)
     yield too few unique trees in the length range."""
-    from datasets import ClassLabel, DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     total = num_train + num_validation + num_test
     max_attempts = 1000 * total if max_attempts is None else max_attempts
@@ -168,24 +168,11 @@ def generate_listops(
             labels.append(drawn[1])
             progress.update(1)
 
-    features = Features(
-        {
-            "input_ids": List(Value("uint8")),
-            "label": ClassLabel(names=[str(d) for d in range(NUM_CLASSES)]),
-            "length": Value("int32"),
-        }
-    )
+    class_names = [str(d) for d in range(NUM_CLASSES)]
     splits, start = {}, 0
-    for name, size in (("train", num_train), ("validation", num_validation), ("test", num_test)):
-        part = rows[start : start + size]
-        splits[name] = make_dataset(
-            {
-                "input_ids": list_column(part, np.uint8),
-                "label": np.asarray(labels[start : start + size], np.int64),
-                "length": np.asarray([len(r) for r in part], np.int32),
-            },
-            features,
-        )
+    for name, size in split_sizes(num_train, num_validation, num_test).items():
+        part, part_labels = rows[start : start + size], labels[start : start + size]
+        splits[name] = classification_split("input_ids", part, part_labels, class_names, np.uint8)
         start += size
     return DatasetDict(splits)
 

@@ -32,8 +32,8 @@ from .common import (
     cached,
     check_positive,
     check_split_sizes,
-    list_column,
-    make_dataset,
+    classification_split,
+    split_sizes,
 )
 
 DEFAULTS = {"num_train": 2000, "num_validation": 200, "num_test": 200}
@@ -286,36 +286,22 @@ def generate_pathfinder(
 ):
     """The three splits without caching. Columns: `input_ids` (uint8 pixels, R*R) or `values` (float32 pixel/255),
     `label` (ClassLabel: 0 = disconnected, 1 = connected), `length`."""
-    from datasets import ClassLabel, DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     rng = np.random.default_rng(seed)
     column = "input_ids" if pixels == "tokens" else "values"
-    features = Features(
-        {
-            column: List(Value("uint8" if pixels == "tokens" else "float32")),
-            "label": ClassLabel(names=["disconnected", "connected"]),
-            "length": Value("int32"),
-        }
-    )
     length = settings.resolution**2
     splits = {}
     total = num_train + num_validation + num_test
     with tqdm(total=total, desc=f"pathfinder{settings.resolution}", unit="img", leave=False, mininterval=1.0) as bar:
-        for name, size in (("train", num_train), ("validation", num_validation), ("test", num_test)):
+        for name, size in split_sizes(num_train, num_validation, num_test).items():
             labels = balanced_labels(rng, size, 2)
             images = np.zeros((size, length), dtype=np.uint8)
             for i, label in enumerate(labels):
                 images[i] = render_pathfinder(rng, settings, int(label))[0].reshape(-1)
                 bar.update(1)
             data = images if pixels == "tokens" else images.astype(np.float32) / 255.0
-            splits[name] = make_dataset(
-                {
-                    column: list_column(data, data.dtype),
-                    "label": labels.astype(np.int64),
-                    "length": np.full(size, length, np.int32),
-                },
-                features,
-            )
+            splits[name] = classification_split(column, data, labels, ["disconnected", "connected"], data.dtype)
     return DatasetDict(splits)
 
 

@@ -21,8 +21,8 @@ from .common import (
     check_fraction,
     check_positive,
     check_split_sizes,
-    list_column,
-    make_dataset,
+    labelled_tokens_split,
+    split_sizes,
 )
 
 IGNORE_INDEX = -100
@@ -56,7 +56,7 @@ def _random_subsets(rng, rows: int, population: int, size: int, log_weights=None
 
 def generate_mqar(seed, vocab_size, seq_len, num_kv_pairs, num_train, num_validation, num_test, power_a):
     """The three splits without caching: `input_ids` and `labels` (int32, length seq_len), `length`."""
-    from datasets import DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     rng = np.random.default_rng(seed)
     half = vocab_size // 2
@@ -64,10 +64,9 @@ def generate_mqar(seed, vocab_size, seq_len, num_kv_pairs, num_train, num_valida
     slots = (seq_len - context) // 2  # queries sit at even offsets of the query span
     gaps = np.arange(1, slots + 1, dtype=np.float64)
     log_p = np.log(power_a) + (power_a - 1) * np.log(gaps)
-    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
     splits = {}
     with tqdm(total=num_train + num_validation + num_test, desc="mqar", leave=False, mininterval=1.0) as bar:
-        for split, n in (("train", num_train), ("validation", num_validation), ("test", num_test)):
+        for split, n in split_sizes(num_train, num_validation, num_test).items():
             keys = _random_subsets(rng, n, half - 1, num_kv_pairs) + 1  # 1 .. half-1 (0 is the filler)
             values = _random_subsets(rng, n, vocab_size - half, num_kv_pairs) + half
             positions = context + 2 * _random_subsets(rng, n, slots, num_kv_pairs, log_p)
@@ -77,14 +76,7 @@ def generate_mqar(seed, vocab_size, seq_len, num_kv_pairs, num_train, num_valida
             rows = np.arange(n)[:, None]
             inputs[rows, positions] = keys
             labels[rows, positions] = values
-            splits[split] = make_dataset(
-                {
-                    "input_ids": list_column(inputs, np.int32),
-                    "labels": list_column(labels, np.int32),
-                    "length": np.full(n, seq_len, np.int32),
-                },
-                features,
-            )
+            splits[split] = labelled_tokens_split(inputs, labels, np.int32)
             bar.update(n)
     return DatasetDict(splits)
 

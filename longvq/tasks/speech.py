@@ -23,8 +23,8 @@ from .common import (
     cached,
     check_non_negative,
     check_positive,
-    list_column,
-    make_dataset,
+    classification_split,
+    split_sizes,
 )
 
 INSTALL_HINT = "apt-get install espeak-ng"
@@ -160,21 +160,12 @@ def postprocess(
 
 def generate_speech(seed, num_words, clips_per_word_train, clips_per_word_validation, clips_per_word_test):
     """The three splits without caching (see `speech_keywords`)."""
-    from datasets import ClassLabel, DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     rng = np.random.default_rng(seed)
     words = SC_WORDS[:num_words]
-    sizes = {
-        "train": clips_per_word_train * num_words,
-        "validation": clips_per_word_validation * num_words,
-        "test": clips_per_word_test * num_words,
-    }
-    features = Features(
-        {
-            "values": List(Value("float32")),
-            "label": ClassLabel(names=list(words)),
-            "length": Value("int32"),
-        }
+    sizes = split_sizes(
+        clips_per_word_train * num_words, clips_per_word_validation * num_words, clips_per_word_test * num_words
     )
     splits = {}
     with tqdm(total=sum(sizes.values()), desc="speech", unit="clip", leave=False, mininterval=1.0) as bar:
@@ -187,14 +178,7 @@ def generate_speech(seed, num_words, clips_per_word_train, clips_per_word_valida
                 samples, rate = synthesize(words[label], voice, speed, pitch)
                 clips[i] = postprocess(samples, rate, rng)
                 bar.update(1)
-            splits[split] = make_dataset(
-                {
-                    "values": list_column(clips, np.float32),
-                    "label": labels.astype(np.int64),
-                    "length": np.full(size, SAMPLE_RATE, np.int32),
-                },
-                features,
-            )
+            splits[split] = classification_split("values", clips, labels, words, np.float32)
     return DatasetDict(splits)
 
 

@@ -42,8 +42,9 @@ from .common import (
     cached,
     check_positive,
     check_split_sizes,
-    list_column,
-    make_dataset,
+    classification_split,
+    labelled_tokens_split,
+    split_sizes,
 )
 
 BYTE_PAD = 256
@@ -258,8 +259,13 @@ def read_source(name: str, max_bytes: int | None = None, source_paths: Mapping[s
     return data
 
 
-def _paths_argument(source_paths) -> dict[str, str]:
-    return {str(k): str(Path(v).resolve()) for k, v in sorted((source_paths or {}).items())}
+def _source_arguments(sources: tuple[str, ...], source_paths) -> dict:
+    """The cache arguments that name the text: `sources` and `source_paths` (resolved, sorted). Raises
+    TaskSourceMissing first when a source is not there, before anything is built."""
+    for name in sources:
+        source_location(name, source_paths)
+    paths = {str(k): str(Path(v).resolve()) for k, v in sorted((source_paths or {}).items())}
+    return {"sources": sources, "source_paths": paths}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,10 +285,10 @@ def generate_text_classification(
     seed, sources, source_paths, window, num_train, num_validation, num_test, max_bytes_per_source
 ):
     """The three splits without caching (see `text_classification`)."""
-    from datasets import ClassLabel, DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     rng = np.random.default_rng(seed)
-    sizes = {"train": num_train, "validation": num_validation, "test": num_test}
+    sizes = split_sizes(num_train, num_validation, num_test)
     labels = {split: balanced_labels(rng, size, len(sources)) for split, size in sizes.items()}
     rows = {split: [None] * size for split, size in sizes.items()}
     total = sum(sizes.values())
@@ -303,25 +309,8 @@ def generate_text_classification(
                 )
             for row, offset in zip(wanted, np.sort(rng.choice(slots, size=len(wanted), replace=False))):
                 rows[split][row] = data[start + offset : start + offset + window]
-    features = Features(
-        {
-            "input_ids": List(Value("uint8")),
-            "label": ClassLabel(names=list(sources)),
-            "length": Value("int32"),
-        }
-    )
     return DatasetDict(
-        {
-            split: make_dataset(
-                {
-                    "input_ids": list_column(rows[split], np.uint8),
-                    "label": labels[split].astype(np.int64),
-                    "length": np.full(len(rows[split]), window, np.int32),
-                },
-                features,
-            )
-            for split in sizes
-        }
+        {split: classification_split("input_ids", rows[split], labels[split], sources, np.uint8) for split in sizes}
     )
 
 
@@ -347,12 +336,9 @@ def text_classification(
     sources = _source_names(sources)
     check_split_sizes(num_train, num_validation, num_test)
     check_positive(window=window, max_bytes_per_source=max_bytes_per_source)
-    for name in sources:
-        source_location(name, source_paths)
     arguments = {
         "seed": seed,
-        "sources": sources,
-        "source_paths": _paths_argument(source_paths),
+        **_source_arguments(sources, source_paths),
         "window": window,
         "num_train": num_train,
         "num_validation": num_validation,
@@ -410,11 +396,11 @@ def python_docs_link_graph(html_dir) -> tuple[list[str], dict[str, bytes], set[t
 
 def generate_retrieval(seed, source_dir, max_doc_bytes, num_train, num_validation, num_test):
     """The three splits without caching (see `retrieval`)."""
-    from datasets import ClassLabel, DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     pages, texts, links = python_docs_link_graph(source_dir)
     rng = np.random.default_rng(seed)
-    sizes = {"train": num_train, "validation": num_validation, "test": num_test}
+    sizes = split_sizes(num_train, num_validation, num_test)
     labels = {split: balanced_labels(rng, size, 2) for split, size in sizes.items()}
     positives_needed = sum(int(labels[s].sum()) for s in sizes)
     negatives_needed = sum(sizes.values()) - positives_needed
@@ -441,24 +427,10 @@ def generate_retrieval(seed, source_dir, max_doc_bytes, num_train, num_validatio
         first, second = (np.frombuffer(texts[p][:max_doc_bytes], dtype=np.uint8).astype(np.int16) for p in pair)
         return np.concatenate([first, separator, second])
 
-    features = Features(
-        {
-            "input_ids": List(Value("int16")),
-            "label": ClassLabel(names=["unlinked", "linked"]),
-            "length": Value("int32"),
-        }
-    )
     splits = {}
     for split in sizes:
         rows = [encode(positives.pop() if label else negatives.pop()) for label in labels[split]]
-        splits[split] = make_dataset(
-            {
-                "input_ids": list_column(rows, np.int16),
-                "label": labels[split].astype(np.int64),
-                "length": np.asarray([len(r) for r in rows], np.int32),
-            },
-            features,
-        )
+        splits[split] = classification_split("input_ids", rows, labels[split], ["unlinked", "linked"], np.int16)
     return DatasetDict(splits)
 
 
@@ -510,7 +482,7 @@ def lm_split_bytes(data: bytes) -> tuple[bytes, bytes, bytes]:
 
 def generate_text_lm(seed, sources, source_paths, block_size, max_bytes):
     """The three splits without caching (see `text_lm`)."""
-    from datasets import DatasetDict, Features, List, Value
+    from datasets import DatasetDict
 
     per_source = max_bytes // len(sources)
     parts = {"train": [], "validation": [], "test": []}
@@ -518,7 +490,6 @@ def generate_text_lm(seed, sources, source_paths, block_size, max_bytes):
         for split, chunk in zip(parts, lm_split_bytes(read_source(name, per_source, source_paths))):
             parts[split].append(chunk)
     rng = np.random.default_rng(seed)
-    features = Features({"input_ids": List(Value("uint8")), "labels": List(Value("uint8")), "length": Value("int32")})
     splits = {}
     for split, chunks in parts.items():
         data = np.frombuffer(b"\n\n".join(chunks), dtype=np.uint8)
@@ -532,14 +503,7 @@ def generate_text_lm(seed, sources, source_paths, block_size, max_bytes):
                 f"lower `block_size` or raise `max_bytes`."
             )
         windows = data[phase : phase + count * block_size].reshape(count, block_size)
-        splits[split] = make_dataset(
-            {
-                "input_ids": list_column(windows, np.uint8),
-                "labels": list_column(windows, np.uint8),
-                "length": np.full(count, block_size, np.int32),
-            },
-            features,
-        )
+        splits[split] = labelled_tokens_split(windows, windows, np.uint8)
     return DatasetDict(splits)
 
 
@@ -565,12 +529,9 @@ def text_lm(
     check_positive(block_size=block_size, max_bytes=max_bytes)
     if block_size < 2:
         raise ValueError(f"`block_size` must be >= 2, got {block_size}.")
-    for name in sources:
-        source_location(name, source_paths)
     arguments = {
         "seed": seed,
-        "sources": sources,
-        "source_paths": _paths_argument(source_paths),
+        **_source_arguments(sources, source_paths),
         "block_size": block_size,
         "max_bytes": max_bytes,
     }
