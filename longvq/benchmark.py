@@ -60,10 +60,10 @@ def build_model(name, hidden_size=256, num_layers=4, vocab_size=256, chunk_size=
 
 def build_models(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
     """LongVQ and Llama (see `build_model`) for the decode benchmark, in eval mode."""
-    sizes = dict(
-        hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, chunk_size=chunk_size,
-        codebook_size=codebook_size, seed=seed,
-    )  # fmt: skip
+    sizes = {
+        "hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size, "chunk_size": chunk_size,
+        "codebook_size": codebook_size, "seed": seed,
+    }  # fmt: skip
     return {name: build_model(name, **sizes).eval() for name in ("longvq", "llama")}
 
 
@@ -98,7 +98,7 @@ def longvq_train_flops(config: LongVQConfig, length: int) -> float:
     Counted: every matmul, 2 FLOPs per multiply-add. Per token and layer, the projections D->H (values),
     D->2D+Z+H (gates, shared, reset, hidden), H->D (output), D->F->D (FFN); the attention logits over the 2C window
     keys and the S codewords (Z each) and the weighted sum over 2C window values and S memory means (H each); plus
-    the D->V LM head per token. Not counted: the EMA (FFT convolution, O(T log T) per channel), norms, activations,
+    the D->V LM head per token. Not counted: the EMA (its block scan, ~4 N + 2 P multiply-adds per token and channel), norms, activations,
     softmax and the per-block code statistics, so achieved/peak is a lower bound of the hardware use.
     """
     d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size

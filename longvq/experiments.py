@@ -58,6 +58,7 @@ from .training import (
     codebook_summary,
     compute_classification_metrics,
     compute_lm_metrics,
+    parse_overrides,
     preprocess_logits_for_metrics,
 )
 
@@ -215,21 +216,6 @@ def _section_of(key: str, preset: dict) -> str:
     if key in preset["model"] or key in inspect.signature(LongVQConfig.__init__).parameters:
         return "model"
     return "data"
-
-
-def parse_overrides(items) -> dict[str, Any]:
-    """`["model.hidden_size=32", "learning_rate=1e-3"]` -> {"model.hidden_size": 32, "learning_rate": 0.001}; values
-    are parsed as JSON when possible (numbers, true/false/null, lists), else kept as strings."""
-    overrides = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"Overrides must be key=value, got {item!r}.")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
 
 
 def get_preset(

@@ -138,8 +138,8 @@ class LongVQMultiDimensionalEma(nn.Module):
 
     Per channel d and expansion n: `h_t = (p * beta) x_t + (1 - p * delta) h_{t-1}`, `y_t = sum_n eta h_t / sqrt(N)`,
     with `p = sigmoid(damping_logit)`, `delta = sigmoid(decay_logit)`, so every mode decays (stable by construction).
-    For whole sequences this is the convolution with `K[t] = sum_n eta p beta q^t / sqrt(N)`, `q = 1 - p delta`, done
-    by FFT in float32.
+    For whole sequences this is the convolution with `K[t] = sum_n eta p beta q^t / sqrt(N)`, `q = 1 - p delta`,
+    computed in float32 by a block scan of matmuls (`scan`), or by FFT for a truncated kernel.
 
     Bidirectional: a second set of D channels runs over the reversed sequence, and its output is shifted by one
     position (`y_t = fwd_t + bwd_{t+1}`), so the current token is counted once, by the forward direction.

@@ -511,20 +511,26 @@ def classification_trainer(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _parse_overrides(text: str | None) -> dict:
-    """`"dropout=0.1,chunk_size=64"` -> {"dropout": 0.1, "chunk_size": 64} (values parsed as JSON when possible)."""
+def parse_overrides(items) -> dict[str, Any]:
+    """`["model.hidden_size=32", "learning_rate=1e-3"]` -> {"model.hidden_size": 32, "learning_rate": 0.001}; values
+    are parsed as JSON when possible (numbers, true/false/null, lists), else kept as strings."""
     import json
 
     overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    for item in items or ():
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides expects key=value pairs, got {item!r}.")
+        if not sep or not key.strip():
+            raise ValueError(f"Overrides must be key=value, got {item!r}.")
         try:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key.strip()] = value
     return overrides
+
+
+def _parse_overrides(text: str | None) -> dict:
+    """`"dropout=0.1,chunk_size=64"` (the --config_overrides option) -> {"dropout": 0.1, "chunk_size": 64}."""
+    return parse_overrides(filter(None, (part.strip() for part in (text or "").split(","))))
 
 
 def build_parser():
