@@ -9,6 +9,7 @@ Shapes: B batch, T length, D hidden_size, H intermediate_size (value width), Z s
 N ema_projection_size, S codebook_size, C chunk_size.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -45,6 +46,8 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def _autocast_off(x: torch.Tensor):
     """A context that turns autocast off on x's device: EMA kernels and recurrences and VQ distances must be computed
     in float32 under bf16/fp16 autocast (a matmul there would otherwise run in half precision)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()  # entering an autocast context costs ~10 us, per layer of every decode step
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -807,12 +810,13 @@ def vq_attention_step(
 
     # logits = q.C_code / sqrt(Z) + [bias(i - j) | log N_s] (+ the empty-slot mask), one softmax over 2C + S.
     scores = (query[:, 0] * query.shape[-1] ** -0.5).float() @ codebook.t()  # (B, S), every key is a codeword
-    width = state.codes.shape[1] if memory else 2 * chunk_size
-    slots = state.codes[:, :width]
-    bias = _decode_bias(position_bias, chunk_size, state)[plan.slot, :width]
-    logits = scores.gather(1, slots) + state.logit_offsets[:, :width] + bias
-    weights = torch.softmax(logits, dim=-1).to(state.values.dtype)
-    return (weights.unsqueeze(1) @ state.values[:, :width]).to(value.dtype)
+    codes, offsets, values, bias = state.codes, state.logit_offsets, state.values, _decode_bias(position_bias, chunk_size, state)
+    if not memory:  # the window slots only
+        window = 2 * chunk_size
+        codes, offsets, values, bias = codes[:, :window], offsets[:, :window], values[:, :window], bias[:, :window]
+    logits = scores.gather(1, codes) + offsets + bias[plan.slot]
+    weights = torch.softmax(logits, dim=-1).to(values.dtype)
+    return (weights.unsqueeze(1) @ values).to(value.dtype)
 
 
 def _decode_bias(position_bias, chunk_size, state):
