@@ -98,13 +98,15 @@ def longvq_train_flops(config: LongVQConfig, length: int) -> float:
     Counted: every matmul, 2 FLOPs per multiply-add. Per token and layer, the projections D->H (values),
     D->2D+Z+H (gates, shared, reset, hidden), H->D (output), D->F->D (FFN); the attention logits over the 2C window
     keys and the S codewords (Z each) and the weighted sum over 2C window values and S memory means (H each); plus
-    the D->V LM head per token. Not counted: the EMA (its block scan, ~4 N + 2 P multiply-adds per token and channel), norms, activations,
+    the D->V LM head per token. Not counted: the EMA (its block scan, ~4 N + 2 P multiply-adds per token and
+    channel), norms, activations,
     softmax and the per-block code statistics, so achieved/peak is a lower bound of the hardware use.
     """
     d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size
     ffn = config.ffn_hidden_size or h
     projections = d * h + d * (2 * d + z + h) + h * d + 2 * d * ffn
-    attention = 2 * config.chunk_size * z + config.codebook_size * z + (2 * config.chunk_size + config.codebook_size) * h
+    window, codes = 2 * config.chunk_size, config.codebook_size
+    attention = (window + codes) * z + (window + codes) * h
     per_token = config.num_hidden_layers * (projections + attention) + d * config.vocab_size
     return 3 * 2 * per_token * length
 
@@ -246,12 +248,14 @@ def plot_train(results: list[TrainResult], path: str):
     plt = _pyplot()
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for name in TRAIN_MODELS:
-        rows = sorted((r for r in results if r.model == name and r.hidden_size == results[0].hidden_size), key=lambda r: r.length)
+        rows = [r for r in results if r.model == name and r.hidden_size == results[0].hidden_size]
+        rows.sort(key=lambda r: r.length)
         if rows:
             lengths = [r.length for r in rows]
             speed.plot(lengths, [r.tokens_per_second for r in rows], marker="o", label=name)
             memory.plot(lengths, [max(r.peak_memory_bytes, 1) / 2**20 for r in rows], marker="o", label=name)
-    _style_axes(plt, figure, path, (speed, "Training throughput (fwd + bwd)", "tokens / s"), (memory, "Peak training memory", "MiB"), "sequence length (tokens)")
+    panels = (speed, "Training throughput (fwd + bwd)", "tokens / s"), (memory, "Peak training memory", "MiB")
+    _style_axes(plt, figure, path, *panels, "sequence length (tokens)")
 
 
 def state_bytes(cache) -> int:
@@ -343,7 +347,8 @@ def plot_decode(results: list[DecodeResult], path: str):
         contexts = [r.context for r in rows]
         latency.plot(contexts, [r.ms_per_token for r in rows], marker="o", label=label)
         memory.plot(contexts, [r.state_bytes / 2**20 for r in rows], marker="o", label=label)
-    _style_axes(plt, figure, path, (latency, "Per-token decode latency", "ms / token"), (memory, "Decoding state", "MiB"), "context length (tokens)")
+    panels = (latency, "Per-token decode latency", "ms / token"), (memory, "Decoding state", "MiB")
+    _style_axes(plt, figure, path, *panels, "context length (tokens)")
 
 
 def _pyplot():
@@ -392,7 +397,8 @@ def _train(args) -> dict:
     print(train_table(results))
     if flops_point is not None:
         print(
-            f"\nLongVQ D={flops_point.hidden_size} at {flops_point.length}: {flops_point.achieved_flops / 1e9:.0f} GFLOP/s "
+            f"\nLongVQ D={flops_point.hidden_size} at {flops_point.length}: "
+            f"{flops_point.achieved_flops / 1e9:.0f} GFLOP/s "
             f"achieved, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"
         )
     return {

@@ -186,8 +186,8 @@ class LongVQMultiDimensionalEma(nn.Module):
         when bidirectional). A truncated kernel has no recurrence, so it is applied by FFT."""
         length = x.shape[1]
         if self.truncation is not None and self.truncation < length:  # bidirectional only (config validation)
-            both = fft_causal_convolution(torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2), self.kernel(self.truncation))
-            both = both.transpose(1, 2)
+            both = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)
+            both = fft_causal_convolution(both, self.kernel(self.truncation)).transpose(1, 2)
         elif not self.bidirectional:
             return self.scan(x, initial_state)
         else:
@@ -220,7 +220,9 @@ class LongVQMultiDimensionalEma(nn.Module):
         out = torch.bmm(x, toeplitz)  # (C, BA, P)
         ends = torch.bmm(x, (gain.unsqueeze(-1) * powers[..., :period].flip(-1)).transpose(1, 2))  # (C, BA, N)
         # The initial state enters as a block of its own in front: states[0] = h_(-1), states[a + 1] = h_a.
-        first = initial_state.transpose(0, 1) if initial_state is not None else ends.new_zeros(channels, batch, q.shape[1])
+        if initial_state is None:
+            initial_state = ends.new_zeros(batch, channels, q.shape[1])
+        first = initial_state.transpose(0, 1)
         states = torch.cat([first.unsqueeze(2), ends.view(channels, batch, blocks, -1)], dim=2)  # (C, B, A + 1, N)
         span, decay = 1, powers[..., period]  # q^(P span)
         while span <= blocks:  # after this step, states[a] sums the blocks (a - 2 span, a]
@@ -582,8 +584,8 @@ def vq_attention(
     # straight into their place in a (B, n + 2, S, ...) grid of block totals (no one-hot); a cumulative sum over
     # blocks then gives, for causal block n, the totals of blocks <= n - 2.
     real = key_mask.reshape(batch, num_blocks, chunk_size)
-    grid_index = (torch.arange(num_blocks, device=query.device)[:, None] + 2) * s_dim + codes.view(batch, num_blocks, chunk_size)
-    grid_index = grid_index.view(batch, -1)
+    grid_rows = torch.arange(num_blocks, device=query.device)[:, None] + 2
+    grid_index = (grid_rows * s_dim + codes.view(batch, num_blocks, chunk_size)).view(batch, -1)
     counts = torch.zeros(batch, (num_blocks + 2) * s_dim, device=query.device, dtype=softmax_dtype)
     counts = counts.scatter_add_(1, grid_index, real.view(batch, -1).to(softmax_dtype))
     masked_values = value if bool(key_mask.all()) else value * key_mask.unsqueeze(-1).to(value.dtype)
