@@ -461,28 +461,18 @@ class LongVQVectorQuantizer(nn.Module):
 
 
 def code_statistics(codes: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, codebook_size: int, with_sums: bool):
-    """Per-code count (S,) and, if `with_sums`, key sum (S, Z) (else None) over real tokens; float32, no gradient."""
-    codes, weight = codes.flatten(), mask.flatten().float()
-    counts = torch.zeros(codebook_size, device=codes.device).index_add_(0, codes, weight)
+    """Per-code count (S,) and, if `with_sums`, key sum (S, Z) (else None) over the real tokens of the whole batch;
+    float32, no gradient."""
     if not with_sums:
-        return counts, None
-    keys = keys.detach().float().flatten(0, -2) * weight[:, None]
-    return counts, torch.zeros(codebook_size, keys.shape[-1], device=keys.device).index_add_(0, codes, keys)
+        return torch.zeros(codebook_size, device=codes.device).index_add_(0, codes.flatten(), mask.flatten().float()), None
+    keys = keys.detach().reshape(1, -1, keys.shape[-1])
+    counts, sums = _code_value_sums(codes.reshape(1, -1), keys, mask.reshape(1, -1), codebook_size)
+    return counts[0], sums[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Block-wise VQ-attention (the fast path; its dense O(T^2) oracle lives in tests/)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _shift_blocks(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """Block n of the result holds block n + shift of x (zeros where that is outside). x: (B, n, ...)."""
-    if shift == 0:
-        return x
-    zeros = torch.zeros_like(x[:, : abs(shift)])
-    if shift < 0:
-        return torch.cat([zeros, x[:, :shift]], dim=1)
-    return torch.cat([x[:, shift:], zeros], dim=1)
 
 
 def vq_attention(
