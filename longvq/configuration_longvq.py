@@ -40,8 +40,8 @@ class LongVQConfig(PreTrainedConfig):
         segment_length (`int`, *optional*, defaults to 4096): a causal forward without a decoding state (training,
             scoring) of more tokens than this runs in exact pieces of this many tokens (rounded down to a multiple of
             `chunk_size`) that carry the recurrent state from one to the next, so no activation grows with the input
-            length; with gradient checkpointing on, each piece is one checkpoint, so training memory stops growing
-            with the length too. `None` runs every input whole.
+            length; with activation checkpointing on, each (piece, layer) is one checkpoint, so training keeps only
+            the layers' inputs and recomputes one piece of one layer at a time. `None` runs every input whole.
         codebook_memory (`bool`, defaults to `True`): attend to the codebook memory (every key outside the window,
             grouped by code). `False` keeps the chunk-local window only: the MEGA-chunk ablation of LongVQ, whose
             queries cannot see further back than the previous block.
