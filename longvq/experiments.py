@@ -60,6 +60,7 @@ from .training import (
     compute_lm_metrics,
     parse_overrides,
     preprocess_logits_for_metrics,
+    trainer_defaults,
 )
 
 ARCHITECTURES = ("longvq", "llama", "mega_chunk")
@@ -708,12 +709,9 @@ def _training_arguments(
         logging_steps=train["logging_steps"],
         eval_strategy="no",  # evaluations come from BudgetClock, spaced over the budget
         save_strategy="no",
-        report_to="none",
         disable_tqdm=not progress,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
         remove_unused_columns=False,  # the collator reads `values`/`label` columns no forward() names
-        ddp_broadcast_buffers=False,
+        **trainer_defaults(),
     )
 
 
@@ -914,7 +912,7 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, arch: str | No
     with tempfile.TemporaryDirectory() as scratch:  # Trainer wants an output folder; evaluation writes nothing
         args = TrainingArguments(
             output_dir=scratch, per_device_eval_batch_size=batch_size or experiment.get("eval_batch_size", 64),
-            report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+            disable_tqdm=True, remove_unused_columns=False, **trainer_defaults(),
         )  # fmt: skip
         trainer = Trainer(model=model, args=args, data_collator=make_collator(info), compute_metrics=compute_metrics,
                           preprocess_logits_for_metrics=preprocess)  # fmt: skip

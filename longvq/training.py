@@ -319,6 +319,17 @@ DEFAULT_BYTE_LM_CONFIG = dict(
 )  # fmt: skip
 
 
+def trainer_defaults() -> dict[str, Any]:
+    """`TrainingArguments` shared by every recipe here: no experiment trackers, the CPU when there is no GPU, data
+    loaded in the main process, and no DDP buffer broadcast: the model keeps its codebook buffers identical on every
+    process (all-reduced statistics), so broadcasting them from process 0 at each forward is redundant (and would
+    hide a replica that diverged)."""
+    return {
+        "report_to": "none", "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0,
+        "ddp_broadcast_buffers": False,
+    }  # fmt: skip
+
+
 def byte_lm_config(**overrides) -> LongVQConfig:
     """A small byte-level causal-LM config (256 ids, D=64, 2 layers, S=32, C=32) with `overrides` applied."""
     return LongVQConfig(**{**DEFAULT_BYTE_LM_CONFIG, **overrides})
@@ -406,17 +417,8 @@ def train_causal_lm(
     if datasets is None:
         datasets = byte_lm_datasets(block_size=block_size, seed=seed)
 
-    defaults = dict(
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        # The model keeps its codebook buffers identical on every process (all-reduced statistics), so DDP's
-        # per-forward broadcast of buffers from process 0 is redundant (and would hide a replica that diverged).
-        ddp_broadcast_buffers=False,
-        # Every parameter takes part in every forward of the causal LM.
-        ddp_find_unused_parameters=False,
-    )
+    # Every parameter takes part in every forward of the causal LM.
+    defaults = {**trainer_defaults(), "disable_tqdm": True, "ddp_find_unused_parameters": False}
     args = TrainingArguments(
         output_dir=output_dir,
         seed=seed,
@@ -483,10 +485,10 @@ def classification_trainer(
     learning rates above ~2e-3 tend to get stuck at chance on `byte_classification_datasets`.)"""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    defaults = dict(
-        report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(), save_strategy="no",
-        logging_steps=10, lr_scheduler_type="constant", ddp_broadcast_buffers=False, ddp_find_unused_parameters=False,
-    )  # fmt: skip
+    defaults = {
+        **trainer_defaults(), "disable_tqdm": True, "save_strategy": "no", "logging_steps": 10,
+        "lr_scheduler_type": "constant", "ddp_find_unused_parameters": False,
+    }  # fmt: skip
     args = TrainingArguments(
         output_dir=output_dir,
         seed=seed,
