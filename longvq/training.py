@@ -16,7 +16,6 @@ Not part of the Hub remote code (that is `configuration_longvq.py` and `modeling
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from .configuration_longvq import LongVQConfig
+from .metrics import load as load_metric
 from .modeling_longvq import LongVQForCausalLM, LongVQForSequenceClassification
 
 BYTE_VOCAB_SIZE = 256
@@ -141,23 +141,30 @@ def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) ->
 def compute_lm_metrics(eval_prediction) -> dict[str, float]:
     """`compute_metrics` for a causal LM (after `preprocess_logits_for_metrics`): the mean next-token cross-entropy
     in nats, `perplexity = exp(cross_entropy)` and `bpb = cross_entropy / ln 2` (bits per byte, as tokens are bytes
-    for the byte-level models; bits per token otherwise). Trainer reports them as `eval_cross_entropy`,
-    `eval_perplexity`, `eval_bpb`. They exclude the small commitment term that `eval_loss` includes."""
+    for the byte-level models; bits per token otherwise), from the `perplexity` and `bits_per_byte` modules of
+    `longvq.metrics`; NaN when no label is scored. Trainer reports them as `eval_cross_entropy`, `eval_perplexity`,
+    `eval_bpb`. They exclude the small commitment term that `eval_loss` includes."""
     nll, labels = eval_prediction.predictions, eval_prediction.label_ids
     if isinstance(nll, tuple):
         nll = nll[0]
-    valid = np.asarray(labels)[:, 1:] != -100
-    total = float(np.asarray(nll, dtype=np.float64)[:, :-1][valid].sum())
-    mean = total / max(int(valid.sum()), 1)
-    return {"cross_entropy": mean, "perplexity": math.exp(mean), "bpb": mean / math.log(2)}
+    # nll[:, t] scores labels[:, t + 1]. The metrics pool the scored tokens of all rows, so the evaluation set goes in
+    # as a single row: `evaluate` stores its inputs in Arrow, and one long row is much cheaper than one per window.
+    tokens = {"predictions": [np.asarray(nll)[:, :-1].ravel()], "references": [np.asarray(labels)[:, 1:].ravel()]}
+    perplexity = load_metric("perplexity", keep_in_memory=True).compute(**tokens)
+    bits = load_metric("bits_per_byte", keep_in_memory=True).compute(**tokens)
+    return {"cross_entropy": perplexity["cross_entropy"], "perplexity": perplexity["perplexity"],
+            "bpb": bits["bits_per_byte"]}  # fmt: skip
 
 
 def compute_classification_metrics(eval_prediction) -> dict[str, float]:
-    """`compute_metrics` for single-label sequence classification: `accuracy` (Trainer: `eval_accuracy`)."""
+    """`compute_metrics` for single-label sequence classification: `accuracy` (Trainer: `eval_accuracy`), from the
+    `accuracy` module of `longvq.metrics`."""
     logits, labels = eval_prediction.predictions, eval_prediction.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
-    return {"accuracy": float((np.argmax(logits, axis=-1) == np.asarray(labels)).mean())}
+    return load_metric("accuracy", keep_in_memory=True).compute(
+        predictions=np.argmax(logits, axis=-1), references=np.asarray(labels)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -261,20 +268,22 @@ class CodebookHealthCallback(TrainerCallback):
         self._counts[index] = counts if self._counts[index] is None else self._counts[index] + counts
 
     def metrics(self) -> dict[str, float]:
-        """The health metrics of the tokens collected so far ({} if none), without resetting them."""
+        """The health metrics of the tokens collected so far ({} if none), without resetting them; computed by the
+        `codebook_usage` and `codebook_perplexity` modules of `longvq.metrics`."""
         if not self._counts or any(counts is None for counts in self._counts):
             return {}
+        import evaluate
+
+        health = evaluate.combine([
+            load_metric("codebook_usage", keep_in_memory=True), load_metric("codebook_perplexity", keep_in_memory=True)
+        ]).compute(code_counts=[counts.numpy() for counts in self._counts])  # fmt: skip
         logs = {}
-        usages, perplexities = [], []
-        for index, counts in enumerate(self._counts):
-            probabilities = counts / counts.sum().clamp(min=1)
-            entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum()
-            usages.append(float((counts > 0).float().mean()))
-            perplexities.append(float(entropy.exp()))
-            logs[f"codebook_usage_layer{index}"] = usages[-1]
-            logs[f"codebook_perplexity_layer{index}"] = perplexities[-1]
-        logs["codebook_usage"] = sum(usages) / len(usages)
-        logs["codebook_perplexity"] = sum(perplexities) / len(perplexities)
+        per_layer = zip(health["codebook_usage_per_codebook"], health["codebook_perplexity_per_codebook"])
+        for index, (usage, perplexity) in enumerate(per_layer):
+            logs[f"codebook_usage_layer{index}"] = usage
+            logs[f"codebook_perplexity_layer{index}"] = perplexity
+        logs["codebook_usage"] = health["codebook_usage"]
+        logs["codebook_perplexity"] = health["codebook_perplexity"]
         return logs
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -1,0 +1,51 @@
+"""Bits per byte from per-token negative log-likelihoods, as a Hugging Face `evaluate` module shipped with LongVQ
+(load it with `longvq.metrics.load("bits_per_byte")` or `evaluate.load(<this folder>)`; no network needed)."""
+
+import math
+
+import datasets
+import evaluate
+
+from longvq.metrics import scored_tokens
+
+_DESCRIPTION = """
+Bits per byte: the mean negative log-likelihood per scored token in bits (nats / ln 2), pooled over all
+sequences. For byte-level models (one token per byte, as enwik8 results are reported) this is bits per byte; for
+other tokenizers it is bits per token. The inputs are per-token negative log-likelihoods in nats, as for the
+`perplexity` module. Tokens whose reference is `ignore_index` (default -100) are not scored.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: one row per sequence: the negative log-likelihood (nats) the model gives each target token.
+    references: one row per sequence, aligned with `predictions`: the target token ids; positions equal to
+        `ignore_index` are not scored (their prediction is ignored).
+    ignore_index: reference value of unscored positions (default -100).
+Returns:
+    bits_per_byte: mean negative log-likelihood per scored token / ln 2; NaN when no position is scored.
+Example:
+    >>> bits_per_byte = longvq.metrics.load("bits_per_byte")
+    >>> bits_per_byte.compute(predictions=[[0.5, 1.5], [4.0]], references=[[104, 105], [-100]])
+    {'bits_per_byte': 1.4426950408889634}
+"""
+
+
+class BitsPerByte(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float64")),
+                    "references": datasets.Sequence(datasets.Value("int64")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions, references, ignore_index=-100):
+        negative_log_likelihoods, _ = scored_tokens(predictions, references, ignore_index=ignore_index)
+        if not negative_log_likelihoods.size:
+            return {"bits_per_byte": math.nan}
+        return {"bits_per_byte": float(negative_log_likelihoods.mean()) / math.log(2)}

@@ -1,0 +1,55 @@
+"""Perplexity from per-token negative log-likelihoods, as a Hugging Face `evaluate` module shipped with LongVQ (load
+it with `longvq.metrics.load("perplexity")` or `evaluate.load(<this folder>)`; no network needed)."""
+
+import math
+
+import datasets
+import evaluate
+import numpy as np
+
+from longvq.metrics import scored_tokens
+
+_DESCRIPTION = """
+Perplexity of a language model: exp of its mean negative log-likelihood (cross-entropy, in nats) per scored
+token, pooled over all sequences. The inputs are the model's per-token negative log-likelihoods, e.g.
+`torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")`, or what
+`longvq.training.preprocess_logits_for_metrics` returns under `Trainer.evaluate`. Tokens whose reference is
+`ignore_index` (default -100) are not scored.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: one row per sequence: the negative log-likelihood (nats) the model gives each target token.
+    references: one row per sequence, aligned with `predictions`: the target token ids; positions equal to
+        `ignore_index` are not scored (their prediction is ignored).
+    ignore_index: reference value of unscored positions (default -100).
+Returns:
+    perplexity: exp(cross_entropy) (inf if that overflows); NaN when no position is scored.
+    cross_entropy: mean negative log-likelihood per scored token, in nats; NaN when no position is scored.
+Example:
+    >>> perplexity = longvq.metrics.load("perplexity")
+    >>> perplexity.compute(predictions=[[0.5, 1.5], [1.0, 7.0]], references=[[10, 11], [12, -100]])
+    {'perplexity': 2.718281828459045, 'cross_entropy': 1.0}
+"""
+
+
+class Perplexity(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float64")),
+                    "references": datasets.Sequence(datasets.Value("int64")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions, references, ignore_index=-100):
+        negative_log_likelihoods, _ = scored_tokens(predictions, references, ignore_index=ignore_index)
+        cross_entropy = float(negative_log_likelihoods.mean()) if negative_log_likelihoods.size else math.nan
+        with np.errstate(over="ignore"):
+            perplexity = float(np.exp(cross_entropy))
+        return {"perplexity": perplexity, "cross_entropy": cross_entropy}
