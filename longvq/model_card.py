@@ -1,9 +1,10 @@
 """Model cards (Hub `README.md`) for LongVQ checkpoints, rendered offline with `huggingface_hub.ModelCard`.
 
-`build_model_card(model_name, results, training_recipe, repo_id=...)` fills `model_cards/longvq_card_template.md` (a
-Jinja template) and returns a `ModelCard` whose YAML front matter carries `library_name: transformers`,
-`pipeline_tag: text-generation`, the tags `longvq`, `custom_code`, `vector-quantization`, `long-context`, the license
-and a `model-index` built from the evaluation results. The results are a JSON file or dict of the form
+`build_model_card(model_name, results, training_recipe, repo_id=...)` fills the Jinja template
+`longvq/model_cards/longvq_card_template.md` (package data) and returns a `ModelCard` whose YAML front matter carries
+`library_name: transformers`, `pipeline_tag: text-generation`, the tags `longvq`, `custom_code`, `vector-quantization`,
+`long-context`, the license and a `model-index` built from the evaluation results. The results are a JSON file or dict
+of the form
 
     {"task": "text-generation",
      "dataset": {"name": "LongVQ tiny corpus", "type": "longvq-tiny-corpus", "split": "validation"},
@@ -38,17 +39,8 @@ _ARCHITECTURE_FIELDS = (
 
 
 def default_template_path() -> Path:
-    """`model_cards/longvq_card_template.md` of the source checkout (or `$LONGVQ_CARD_TEMPLATE` if set)."""
-    override = os.environ.get("LONGVQ_CARD_TEMPLATE")
-    if override:
-        return Path(override)
-    path = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"card template {path} not found (it ships with the source checkout, not the wheel); "
-            "pass template_path= or set LONGVQ_CARD_TEMPLATE"
-        )
-    return path
+    """`longvq/model_cards/longvq_card_template.md`, package data installed with longvq."""
+    return Path(__file__).resolve().parent / "model_cards" / TEMPLATE_NAME
 
 
 def _load_results(results) -> list[dict]:
@@ -237,7 +229,7 @@ def main(argv=None) -> None:
     parser.add_argument("--description", default=None, help="first paragraph of the model description")
     parser.add_argument("--language", default="en")
     parser.add_argument("--license", default="apache-2.0")
-    parser.add_argument("--template", default=None, help="Jinja template (default model_cards/" + TEMPLATE_NAME + ")")
+    parser.add_argument("--template", default=None, help="Jinja template (default: the packaged " + TEMPLATE_NAME + ")")
     args = parser.parse_args(argv)
 
     recipe = json.loads(Path(args.recipe).read_text(encoding="utf-8")) if args.recipe else {}

@@ -1,6 +1,8 @@
 """Command-line entry point: `python scripts/benchmark.py decode ...` (also installed as `longvq-benchmark`)."""
 
-from longvq.benchmark import main
+import sys
+
+from longvq.cli import benchmark
 
 if __name__ == "__main__":
-    main()
+    sys.exit(benchmark())

@@ -8,7 +8,9 @@ numbers for orientation) and comparison.json.
 The logic lives in `longvq.experiments` (`run_comparison`, `comparison_table`, `compare_main`).
 """
 
-from longvq.experiments import compare_main
+import sys
+
+from longvq.cli import compare
 
 if __name__ == "__main__":
-    compare_main()
+    sys.exit(compare())

@@ -7,7 +7,9 @@ The task, architecture, seed and data arguments are read from the checkpoint's e
 `longvq.experiments` (`evaluate_checkpoint`, `evaluate_main`).
 """
 
-from longvq.experiments import evaluate_main
+import sys
+
+from longvq.cli import evaluate
 
 if __name__ == "__main__":
-    evaluate_main()
+    sys.exit(evaluate())

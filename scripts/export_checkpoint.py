@@ -4,7 +4,9 @@ Loads a local LongVQ causal-LM checkpoint and writes a push_to_hub-ready folder 
 safetensors, generation config, byte tokenizer, README.md model card). See `longvq.hub`.
 """
 
-from longvq.hub import main
+import sys
+
+from longvq.cli import export
 
 if __name__ == "__main__":
-    main()
+    sys.exit(export())

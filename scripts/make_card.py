@@ -2,7 +2,9 @@
 --repo-id ORG/NAME [--recipe recipe.json] [--set key=value ...] [--config CHECKPOINT]`. See `longvq.model_card`.
 """
 
-from longvq.model_card import main
+import sys
+
+from longvq.cli import card
 
 if __name__ == "__main__":
-    main()
+    sys.exit(card())

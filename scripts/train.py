@@ -7,7 +7,9 @@ Writes results.json, curve.png and the model (safetensors) into --output-dir. Th
 `longvq.experiments` (`run_experiment`, `train_main`); options: --help.
 """
 
-from longvq.experiments import train_main
+import sys
+
+from longvq.cli import train
 
 if __name__ == "__main__":
-    train_main()
+    sys.exit(train())

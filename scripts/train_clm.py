@@ -11,7 +11,9 @@ On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2` run
 lives in `longvq.training`.
 """
 
-from longvq.training import main
+import sys
+
+from longvq.cli import train_clm
 
 if __name__ == "__main__":
-    main()
+    sys.exit(train_clm())

@@ -1,10 +1,12 @@
 """Model cards: offline rendering from the Jinja template, model-index from a results JSON, ModelCard.load round trip."""
 
 import json
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
+import longvq
 from longvq import LongVQConfig
 from longvq.model_card import (
     DEFAULT_TAGS,
@@ -42,8 +44,11 @@ def card(results_path):
     )
 
 
-def test_template_is_found_and_has_the_sections():
-    text = default_template_path().read_text(encoding="utf-8")
+def test_template_is_package_data_and_has_the_sections():
+    path = default_template_path()
+    # Inside the package (setup.py's package_data ships longvq/model_cards/*.md), so an installed wheel has it too.
+    assert path.parent == Path(longvq.__file__).resolve().parent / "model_cards" and path.suffix == ".md"
+    text = path.read_text(encoding="utf-8")
     for heading in ("## Model description", "## How to use", "## Training recipe", "## Evaluation results",
                     "## Limitations", "## Citation"):  # fmt: skip
         assert heading in text
