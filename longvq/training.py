@@ -597,6 +597,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     model = None
     if args.model_name_or_path:
+        if not os.path.isdir(args.model_name_or_path):
+            raise FileNotFoundError(f"--model_name_or_path {args.model_name_or_path!r} is not a checkpoint folder")
         model = LongVQForCausalLM.from_pretrained(args.model_name_or_path, **_parse_overrides(args.config_overrides))
     resume = True if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
     run = train_causal_lm(
