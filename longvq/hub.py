@@ -7,7 +7,8 @@
 * the two remote-code files `configuration_longvq.py` and `modeling_longvq.py` (the package's own source files; they
   import only the standard library, torch, transformers and each other);
 * `model.safetensors` (sharded with an index above `max_shard_size`) and, for the causal LM, `generation_config.json`;
-* the tokenizer files (`tokenizer.json`, `tokenizer_config.json`) when a tokenizer is given;
+* the tokenizer files (`tokenizer.json`, `tokenizer_config.json`) when a tokenizer is given; a model whose vocabulary
+  is smaller than the tokenizer's is widened first (`fit_to_tokenizer`), so every id the tokenizer produces is valid;
 * `README.md` (the model card) when a card is given.
 
 The files are produced by transformers' own mechanism: the config class and the saved model's concrete head class are
@@ -27,7 +28,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,8 +36,8 @@ from huggingface_hub import ModelCard
 __all__ = [
     "AUTO_MAP",
     "REMOTE_CODE_FILES",
-    "ensure_pad_token",
     "export_checkpoint",
+    "fit_to_tokenizer",
     "install_in_hub_cache",
     "remote_code_auto_map",
 ]
@@ -93,6 +93,35 @@ def _absolute_imports(path: Path) -> set[str]:
     return set(get_imports(str(path)))
 
 
+def fit_to_tokenizer(model, tokenizer) -> bool:
+    """Make `model` accept every id of `tokenizer` and record its special ids; returns True if the model was changed.
+
+    A byte-level model trained with `vocab_size=256` has no rows for `byte_tokenizer()`'s `<pad>` (256) and
+    `<|endoftext|>` (257), so a padded batch, or a text prefixed with the BOS id (as lm-evaluation-harness scores it),
+    would index past the embedding. A model with `vocab_size < len(tokenizer)` is widened in place to `len(tokenizer)`
+    with `resize_token_embeddings` (existing rows untouched; new rows from the mean/covariance of the old ones), and the
+    new ids are added to `generation_config.suppress_tokens` so that generation never emits these untrained rows; the
+    new output rows do take a little probability mass, so log-likelihoods of the widened model differ slightly. The
+    tokenizer's pad/bos/eos ids are written into the config and generation config wherever those have none.
+    """
+    generation_config = getattr(model, "generation_config", None)
+    old_size = model.config.vocab_size
+    changed = False
+    if len(tokenizer) > old_size:
+        model.resize_token_embeddings(len(tokenizer))
+        if generation_config is not None:
+            new_ids = set(range(old_size, len(tokenizer)))
+            generation_config.suppress_tokens = sorted(set(generation_config.suppress_tokens or []) | new_ids)
+        changed = True
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name)
+        for config in (model.config, generation_config):
+            if token_id is not None and config is not None and getattr(config, name, None) is None:
+                setattr(config, name, token_id)
+                changed = True
+    return changed
+
+
 def export_checkpoint(
     model,
     save_directory: str | os.PathLike,
@@ -107,12 +136,15 @@ def export_checkpoint(
         model: a `LongVQModel`, `LongVQForCausalLM` or `LongVQForSequenceClassification` (from the installed package
             or itself loaded with `trust_remote_code=True`).
         save_directory: target folder (created if needed; existing files with the same names are overwritten).
-        tokenizer: optional tokenizer saved next to the weights (e.g. `longvq.tokenization.byte_tokenizer()`).
+        tokenizer: optional tokenizer saved next to the weights (e.g. `longvq.tokenization.byte_tokenizer()`). The
+            model is first fitted to it with `fit_to_tokenizer` (in place): widened if its vocabulary is smaller than
+            the tokenizer's, and given the tokenizer's pad/bos/eos ids where it has none.
         card: optional model card, a `huggingface_hub.ModelCard` (e.g. from `longvq.model_card.build_model_card`) or
             markdown text, written as `README.md`.
         max_shard_size: passed to `save_pretrained`.
 
-    The model and its config are left as they were: `config.auto_map` and the classes' `_auto_class` are restored.
+    Apart from that fitting, the model and its config are left as they were: `config.auto_map` and the classes'
+    `_auto_class` are restored.
     Push the folder with `huggingface_hub.upload_folder(repo_id=..., folder_path=save_directory)`.
     """
     model_class, config = type(model), model.config
@@ -133,14 +165,7 @@ def export_checkpoint(
     save_directory.mkdir(parents=True, exist_ok=True)
 
     if tokenizer is not None:
-        vocab_size = getattr(config, "vocab_size", None)
-        if vocab_size is not None and len(tokenizer) > vocab_size:
-            warnings.warn(
-                f"the tokenizer has {len(tokenizer)} ids but the model's vocab_size is {vocab_size}: ids >= "
-                f"{vocab_size} (e.g. pad_token_id={tokenizer.pad_token_id}) would be out of range; see "
-                "longvq.hub.ensure_pad_token",
-                stacklevel=2,
-            )
+        fit_to_tokenizer(model, tokenizer)
 
     previous_auto_map = config.__dict__.get("auto_map", _MISSING)
     config.auto_map = remote_code_auto_map()
@@ -180,37 +205,6 @@ def _check_export(folder: Path, expect_generation_config: bool) -> None:
         raise RuntimeError(f"no safetensors weights in {folder}")
     if expect_generation_config and not (folder / "generation_config.json").is_file():
         raise RuntimeError(f"no generation_config.json in {folder}")
-
-
-def ensure_pad_token(model, tokenizer) -> bool:
-    """Make a causal LM accept the tokenizer's padding id; returns True if the model was changed.
-
-    A byte-level model trained with `vocab_size=256` has no room for `byte_tokenizer()`'s `<pad>` (id 256), so a padded
-    batch would index past the embedding. This widens the (tied) embedding to `len(tokenizer)` with
-    `resize_token_embeddings` (byte rows untouched; new rows from the mean/covariance of the old ones), records
-    `pad_token_id` in the config and generation config, and adds the new ids to `generation_config.suppress_tokens` so
-    that generation never emits them. Padded positions are masked, so the new rows never influence real tokens.
-    """
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        return False
-    old_size = model.config.vocab_size
-    changed = False
-    if pad_id >= old_size or len(tokenizer) > old_size:
-        model.resize_token_embeddings(len(tokenizer))
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            new_ids = list(range(old_size, len(tokenizer)))
-            generation_config.suppress_tokens = sorted(set(generation_config.suppress_tokens or []) | set(new_ids))
-        changed = True
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_id
-        changed = True
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and generation_config.pad_token_id is None:
-        generation_config.pad_token_id = pad_id
-        changed = True
-    return changed
 
 
 def _fake_commit(folder: Path) -> str:
@@ -257,8 +251,8 @@ def main(argv=None) -> None:
     from .tokenization import BYTE_VOCAB_SIZE, byte_tokenizer
 
     parser = argparse.ArgumentParser(
-        description="Export a local LongVQ causal-LM checkpoint (e.g. outputs/demo) as a push_to_hub-ready folder: "
-        "remote code, auto_map for all heads, safetensors, generation config, byte tokenizer and model card."
+        description="Export a local LongVQ byte-level causal-LM checkpoint (e.g. outputs/demo) as a push_to_hub-ready "
+        "folder: remote code, auto_map for all heads, safetensors, generation config, byte tokenizer and model card."
     )
     parser.add_argument("checkpoint", help="local checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("out", help="output directory")
@@ -269,10 +263,11 @@ def main(argv=None) -> None:
     parser.add_argument("--recipe", default=None, help="JSON file with the training recipe {setting: value}")
     parser.add_argument("--no-card", action="store_true", help="do not write README.md")
     parser.add_argument(
-        "--no-pad-token",
+        "--no-special-tokens",
         action="store_true",
-        help="keep a vocab_size=256 model unchanged and export a tokenizer without <pad> (no batch padding); by "
-        "default such a model gets one extra embedding row for <pad> (id 256), never generated",
+        help="keep a vocab_size=256 model unchanged and export the byte tokenizer without <pad> and <|endoftext|> "
+        "(then batches cannot be padded and lm-evaluation-harness cannot run); by default such a model gets two extra "
+        "embedding rows for them, never generated",
     )
     args = parser.parse_args(argv)
 
@@ -280,12 +275,17 @@ def main(argv=None) -> None:
     vocab_size = model.config.vocab_size
     if vocab_size < BYTE_VOCAB_SIZE:
         parser.error(f"the byte tokenizer needs vocab_size >= 256, the checkpoint has {vocab_size}")
-    if args.no_pad_token and vocab_size == BYTE_VOCAB_SIZE:
-        tokenizer = byte_tokenizer(pad_token=None)
+    if args.no_special_tokens:
+        if vocab_size != BYTE_VOCAB_SIZE:
+            parser.error(f"--no-special-tokens needs a vocab_size=256 model, the checkpoint has {vocab_size}")
+        tokenizer = byte_tokenizer(pad_token=None, eos_token=None)
     else:
         tokenizer = byte_tokenizer()
-        if ensure_pad_token(model, tokenizer) and model.config.vocab_size != vocab_size:
-            print(f"vocab_size {vocab_size} -> {model.config.vocab_size}: added <pad> = id {tokenizer.pad_token_id}")
+        if fit_to_tokenizer(model, tokenizer) and model.config.vocab_size != vocab_size:
+            print(
+                f"vocab_size {vocab_size} -> {model.config.vocab_size}: added rows for {tokenizer.pad_token} = "
+                f"{tokenizer.pad_token_id} and {tokenizer.eos_token} = {tokenizer.eos_token_id} (never generated)"
+            )
 
     card = None
     if not args.no_card:
@@ -296,10 +296,11 @@ def main(argv=None) -> None:
             recipe = json.loads(Path(args.recipe).read_text(encoding="utf-8"))
         else:
             recipe = demo_recipe(metrics) if metrics else {}
-        pad_note = (
-            f" `{tokenizer.pad_token}` (id {tokenizer.pad_token_id}) pads batches."
+        special_note = (
+            f" `{tokenizer.pad_token}` (id {tokenizer.pad_token_id}) pads batches; `{tokenizer.eos_token}` (id "
+            f"{tokenizer.eos_token_id}) ends a text and is also the BOS token. Neither is added to encodings."
             if tokenizer.pad_token is not None
-            else " There is no padding token."
+            else " There are no special tokens (no padding, no end-of-text)."
         )
         card = build_model_card(
             args.model_name or args.repo_id.split("/")[-1],
@@ -308,7 +309,7 @@ def main(argv=None) -> None:
             repo_id=args.repo_id,
             config=model.config,
             num_parameters=model.num_parameters(),
-            tokenizer_note="The tokenizer maps text to its UTF-8 bytes: ids 0-255 are the bytes." + pad_note,
+            tokenizer_note="The tokenizer maps text to its UTF-8 bytes: ids 0-255 are the bytes." + special_note,
         )
     folder = export_checkpoint(model, args.out, tokenizer=tokenizer, card=card)
     for path in sorted(folder.iterdir()):

@@ -3,12 +3,16 @@
 Two tokenizers are provided:
 
 * `byte_tokenizer()` -- ids 0..255 *are* the raw UTF-8 bytes of the text (`ids == list(text.encode("utf-8"))`), which
-  is what byte-level models such as the `longvq-demo` model are trained on. One special token is appended after the
-  bytes so that batches can be padded: `<pad>` = id 256 (`BYTE_PAD_ID`). A model that receives padded batches must
-  therefore have `vocab_size >= 257` (= `len(tokenizer)`); a model with `vocab_size=256` can still use the tokenizer
-  for unpadded inputs, or be widened with `longvq.hub.ensure_pad_token` (see there). Special-token *strings* inside
-  the text are never parsed (`split_special_tokens=True`): the text "<pad>" is five bytes, so every text maps to its
-  bytes and nothing else.
+  is what byte-level models such as the `longvq-demo` model are trained on. Two special tokens follow the bytes:
+  `<pad>` = id 256 (`BYTE_PAD_ID`) pads batches, and `<|endoftext|>` = id 257 (`BYTE_EOS_ID`) ends a text and is
+  also the BOS token (as in GPT-2), which is what tools such as lm-evaluation-harness need (an end-of-text id to stop
+  generation, a prefix id to score a text from its first byte). Neither is ever added to an encoding: the tokenizer
+  only returns the text's bytes, and special tokens appear only where the caller puts them (e.g. between documents
+  of a training corpus). A model used with it needs `vocab_size >= len(tokenizer)` (258 by default), like the
+  `longvq-demo` model; a model with `vocab_size=256` can still use it for unpadded inputs, or be widened with
+  `longvq.hub.ensure_pad_token` (which `longvq.hub.export_checkpoint` does). Special-token *strings* inside the text
+  are never parsed (`split_special_tokens=True`): the text "<pad>" is five bytes, so every text maps to its bytes
+  and nothing else.
 * `train_bpe_tokenizer(files_or_texts, vocab_size)` -- a byte-level BPE trained on a local corpus. Its alphabet holds
   all 256 byte symbols, so it can encode any text; the special tokens (`<pad>`, `<eos>` by default) get the first ids
   (0, 1), then come the 256 byte symbols, then the merges.
@@ -34,6 +38,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 __all__ = [
+    "BYTE_EOS_ID",
+    "BYTE_EOS_TOKEN",
     "BYTE_PAD_ID",
     "BYTE_PAD_TOKEN",
     "BYTE_VOCAB_SIZE",
@@ -47,6 +53,8 @@ __all__ = [
 BYTE_VOCAB_SIZE = 256
 BYTE_PAD_TOKEN = "<pad>"
 BYTE_PAD_ID = BYTE_VOCAB_SIZE  # the first id after the 256 bytes
+BYTE_EOS_TOKEN = "<|endoftext|>"
+BYTE_EOS_ID = BYTE_VOCAB_SIZE + 1  # with the default <pad> before it
 
 # Lone surrogates produced by bytes.decode("utf-8", "surrogateescape") for bytes that are not valid UTF-8.
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
@@ -76,24 +84,28 @@ def _unicode_to_byte() -> dict[str, int]:
     return {char: byte for byte, char in byte_to_unicode().items()}
 
 
-def _special_kwargs(pad_token, eos_token) -> dict:
-    return {name: value for name, value in (("pad_token", pad_token), ("eos_token", eos_token)) if value is not None}
+def _special_kwargs(pad_token, eos_token, bos_token=None) -> dict:
+    tokens = (("pad_token", pad_token), ("eos_token", eos_token), ("bos_token", bos_token))
+    return {name: value for name, value in tokens if value is not None}
 
 
 def byte_tokenizer(
-    pad_token: str | None = BYTE_PAD_TOKEN, eos_token: str | None = None, padding_side: str = "left"
+    pad_token: str | None = BYTE_PAD_TOKEN, eos_token: str | None = BYTE_EOS_TOKEN, padding_side: str = "left"
 ) -> PreTrainedTokenizerFast:
-    """A tokenizer whose ids 0..255 are the raw bytes of the UTF-8 encoded text.
+    """A tokenizer whose ids 0..255 are the raw bytes of the UTF-8 encoded text, followed by its special tokens.
 
     Args:
-        pad_token: special token appended as id 256 for padding batches (`None`: no special token, 256 ids, and no
-            batch padding). A model fed padded batches needs `vocab_size >= len(tokenizer)` (257 by default).
-        eos_token: optional end-of-sequence token, appended after the pad token (id 257 with the default pad token).
+        pad_token: special token for padding batches, the first id after the bytes (256; `None`: no padding token).
+        eos_token: end-of-text token, the next id (257 with the default pad token; `None`: none). It is also the BOS
+            token, as in GPT-2: one token separates documents, ends generation and prefixes a text to be scored.
         padding_side: "left" (default, what batched generation with a causal LM needs) or "right".
 
-    `tokenizer(text).input_ids == list(text.encode("utf-8"))` for every text: no BOS/EOS is added and special-token
-    strings in the text are not parsed. `tokenizer.decode(ids)` gives the text back (invalid UTF-8 -> U+FFFD); use
-    `decode_bytes(tokenizer, ids)` for the exact bytes.
+    A model fed these ids needs `vocab_size >= len(tokenizer)` (258 by default). `byte_tokenizer(None, None)` has
+    exactly the 256 byte ids.
+
+    `tokenizer(text).input_ids == list(text.encode("utf-8"))` for every text: no BOS/EOS is added, even with
+    `add_special_tokens=True`, and special-token strings in the text are not parsed. `tokenizer.decode(ids)` gives the
+    text back (invalid UTF-8 -> U+FFFD); use `decode_bytes(tokenizer, ids)` for the exact bytes.
     """
     vocab = {char: byte for byte, char in byte_to_unicode().items()}
     # BPE without merges over the 256 byte symbols: every pre-token is split into single bytes, each its own id.
@@ -110,7 +122,7 @@ def byte_tokenizer(
         clean_up_tokenization_spaces=False,
         split_special_tokens=True,
         padding_side=padding_side,
-        **_special_kwargs(pad_token, eos_token),
+        **_special_kwargs(pad_token, eos_token, bos_token=eos_token),
     )
     for offset, token in enumerate(special):
         assert tokenizer.convert_tokens_to_ids(token) == BYTE_VOCAB_SIZE + offset, token

@@ -9,6 +9,7 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
 from longvq.tokenization import (
+    BYTE_EOS_ID,
     BYTE_PAD_ID,
     byte_to_unicode,
     byte_tokenizer,
@@ -26,7 +27,7 @@ TEXTS = [
     "emoji 😀🦀👩‍👩‍👧 and flags 🇫🇷",
     "中文, 日本語, 한국어, العربية, עברית",
     "control \x00\x01\x7f bytes and NBSP\xa0 soft\xadhyphen",
-    "special-token strings stay text: <pad> <eos> <s></s>",
+    "special-token strings stay text: <pad> <eos> <|endoftext|> <s></s>",
     "".join(chr(i) for i in range(1, 0x800)),
     "\U0010ffff\ufeff\u200b",
 ]
@@ -87,15 +88,35 @@ def test_random_byte_strings_round_trip(tok, bpe):
 
 def test_special_tokens_and_vocabulary_size():
     tok = byte_tokenizer()
-    assert len(tok) == 257 and tok.pad_token == "<pad>" and tok.pad_token_id == BYTE_PAD_ID == 256
-    assert tok.eos_token is None and tok.bos_token is None
-    with_eos = byte_tokenizer(eos_token="<eos>")
-    assert len(with_eos) == 258 and with_eos.pad_token_id == 256 and with_eos.eos_token_id == 257
-    bare = byte_tokenizer(pad_token=None)
-    assert len(bare) == 256 and bare.pad_token is None
+    assert len(tok) == 258 and tok.pad_token == "<pad>" and tok.pad_token_id == BYTE_PAD_ID == 256
+    # One end-of-text token, also the BOS token (lm-evaluation-harness needs an EOS id and a prefix id).
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.eos_token_id == tok.bos_token_id == BYTE_EOS_ID
+    assert BYTE_EOS_ID == 257
+    renamed = byte_tokenizer(eos_token="<eos>")
+    assert len(renamed) == 258 and renamed.eos_token_id == renamed.bos_token_id == 257
+    no_pad = byte_tokenizer(pad_token=None)
+    assert len(no_pad) == 257 and no_pad.pad_token is None and no_pad.eos_token_id == no_pad.bos_token_id == 256
+    bare = byte_tokenizer(pad_token=None, eos_token=None)
+    assert len(bare) == 256 and bare.pad_token is None and bare.eos_token is None and bare.bos_token is None
     assert bare("<pad>")["input_ids"] == list(b"<pad>")
     with pytest.raises(ValueError):
         byte_tokenizer(pad_token="<x>", eos_token="<x>")
+
+
+@pytest.mark.parametrize("text", ["", "hello", "<|endoftext|>x", "\U0001f600"])
+def test_special_tokens_are_never_added_to_encodings(tok, text):
+    expected = list(text.encode("utf-8"))
+    assert tok(text, add_special_tokens=True)["input_ids"] == expected
+    assert tok.encode(text) == expected
+    padded = tok([text, "ab"], padding=True)["input_ids"][0]
+    assert padded == [BYTE_PAD_ID] * (len(padded) - len(expected)) + expected
+
+
+def test_end_of_text_separates_documents_and_decodes(tok):
+    ids = [tok.bos_token_id, *tok("one")["input_ids"], tok.eos_token_id, *tok("two")["input_ids"]]
+    assert tok.decode(ids, skip_special_tokens=True) == "onetwo"
+    assert tok.decode(ids) == "<|endoftext|>one<|endoftext|>two"
+    assert decode_bytes(tok, ids) == b"onetwo"
 
 
 def test_batch_padding(tok):
@@ -115,7 +136,8 @@ def test_byte_tokenizer_save_and_reload_with_auto_tokenizer(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(reloaded) == 257 and reloaded.pad_token_id == 256 and reloaded.padding_side == "left"
+    assert len(reloaded) == 258 and reloaded.pad_token_id == 256 and reloaded.padding_side == "left"
+    assert reloaded.eos_token_id == reloaded.bos_token_id == 257
     for text in TEXTS:
         assert reloaded(text)["input_ids"] == list(text.encode("utf-8"))
         assert reloaded.decode(reloaded(text)["input_ids"]) == text
