@@ -10,7 +10,7 @@ Two tokenizers are provided:
   only returns the text's bytes, and special tokens appear only where the caller puts them (e.g. between documents
   of a training corpus). A model used with it needs `vocab_size >= len(tokenizer)` (258 by default), like the
   `longvq-demo` model; a model with `vocab_size=256` can still use it for unpadded inputs, or be widened with
-  `longvq.hub.ensure_pad_token` (which `longvq.hub.export_checkpoint` does). Special-token *strings* inside the text
+  `longvq.hub.fit_to_tokenizer` (which `longvq.hub.export_checkpoint` does). Special-token *strings* inside the text
   are never parsed (`split_special_tokens=True`): the text "<pad>" is five bytes, so every text maps to its bytes
   and nothing else.
 * `train_bpe_tokenizer(files_or_texts, vocab_size)` -- a byte-level BPE trained on a local corpus. Its alphabet holds
