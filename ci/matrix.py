@@ -67,8 +67,8 @@ def pip_install(python: Path, *requirements, cwd=REPO) -> None:
     run([python, "-m", "pip", "install", "-q", *requirements], cwd=cwd)
 
 
-def run_subset(python: Path, env=None) -> None:
-    run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET], env=env)
+def run_subset(python: Path) -> None:
+    run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET])
 
 
 def session_oldest(work: Path) -> None:
@@ -81,19 +81,12 @@ def session_oldest(work: Path) -> None:
     run_subset(python)
 
 
-def remote_check_env(folder: Path, modules_cache: Path) -> dict:
-    """The environment of `remote_code.py check`: offline, its own modules cache, nothing on PYTHONPATH."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON", "TRANSFORMERS_"))}
-    shutil.rmtree(modules_cache, ignore_errors=True)
-    return {**env, **OFFLINE, "HF_MODULES_CACHE": str(modules_cache), "HF_HOME": str(folder / "hf-home")}
-
-
 def remote_code_check(python: Path, folder: Path) -> bool:
-    """`ci/remote_code.py check` with `python`, run from `folder` (outside the repository); True if it passed."""
-    env = remote_check_env(folder, folder / "modules")
-    import_longvq = subprocess.run([python, "-c", "import longvq"], cwd=folder, env=env, capture_output=True)
-    if import_longvq.returncode == 0:
-        raise RuntimeError(f"`import longvq` works with {python}; the remote-code check needs it to fail")
+    """`ci/remote_code.py check` with `python` (which must not import longvq; the script asserts that), run from
+    `folder` outside the repository, offline, with a new modules cache and nothing on PYTHONPATH; True if it passed."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON", "TRANSFORMERS_"))}
+    shutil.rmtree(folder / "modules", ignore_errors=True)
+    env.update(OFFLINE, HF_MODULES_CACHE=str(folder / "modules"), HF_HOME=str(folder / "hf-home"))
     checked = run([python, REPO / "ci" / "remote_code.py", "check", folder], cwd=folder, env=env, check=False)
     return checked.returncode == 0
 

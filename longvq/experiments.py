@@ -1,7 +1,7 @@
 """Experiments over the task suite (`longvq.tasks`): presets, model builders for LongVQ and its baselines, and
 `run_experiment`, one `transformers.Trainer` run that writes `results.json`, `curve.png` and the final model.
 
-`scripts/train.py` (`longvq-train`), `scripts/evaluate.py` (`longvq-eval`) and `scripts/compare.py`
+`scripts/train.py` (`longvq-train`), `scripts/eval_checkpoint.py` (`longvq-eval`) and `scripts/compare.py`
 (`longvq-compare`) are thin wrappers over the functions here.
 
     from longvq.experiments import run_experiment

@@ -1,8 +1,10 @@
 """Console scripts: every `longvq-*` entry point goes through `longvq.cli.run_command`, exits 0 on success whatever the
 command returns, and 1 with one `longvq-<name>: error: <reason>` line (no traceback) on an expected error."""
 
+import importlib.util
 import json
 from importlib.metadata import distribution
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,15 @@ def test_every_installed_console_script_is_a_cli_function():
     for name, entry_point in scripts.items():
         function = entry_point.load()
         assert function.__module__ == "longvq.cli", f"{name} bypasses run_command: {entry_point.value}"
+
+
+def test_no_script_shadows_an_importable_module():
+    # `python scripts/NAME.py` puts scripts/ first on sys.path, so a scripts/evaluate.py replaced the `evaluate` package
+    # for everything the scripts import (train_clm.py under torchrun failed on `evaluate.combine`).
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    names = [path.stem for path in scripts.glob("*.py")]
+    assert "train_clm" in names
+    assert [name for name in names if importlib.util.find_spec(name) is not None] == []
 
 
 def test_success_is_status_zero_whatever_main_returns():

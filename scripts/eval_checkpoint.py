@@ -1,7 +1,7 @@
 """`longvq-eval`: metrics of a checkpoint written by `longvq-train` on its task's test split, as JSON on stdout.
 
-    python scripts/evaluate.py runs/listops-longvq
-    python scripts/evaluate.py runs/listops-longvq --split validation
+    python scripts/eval_checkpoint.py runs/listops-longvq
+    python scripts/eval_checkpoint.py runs/listops-longvq --split validation
 
 The task, architecture, seed and data arguments are read from the checkpoint's experiment.json. The logic lives in
 `longvq.experiments` (`evaluate_checkpoint`, `evaluate_main`).
