@@ -86,7 +86,7 @@ def export(folder: Path) -> None:
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     config = LongVQConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=None, hidden_size=32,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=32,
         num_hidden_layers=2, intermediate_size=64, shared_representation_size=16, ema_projection_size=4,
         codebook_size=8, chunk_size=8,
     )  # fmt: skip
