@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from .configuration_longvq import LongVQConfig
-from .modeling_longvq import LongVQForCausalLM
+from .modeling_longvq import CACHE_NAME, LongVQForCausalLM
 
 DEFAULT_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -284,13 +284,13 @@ def measure_decode(model, context: int, steps: int = 32, warmup: int = 4, seed: 
     start = time.perf_counter()
     out = model(ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, use_cache=True, **{CACHE_NAME: cache})  # the cache argument's name in this transformers
         elapsed = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
         if step >= warmup:
             times.append(elapsed)
     times.sort()

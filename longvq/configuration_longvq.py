@@ -10,6 +10,16 @@ NORMALIZATION_TYPES = ("layernorm", "scalenorm", "rmsnorm", "batchnorm")
 RELATIVE_POSITIONAL_BIASES = ("simple", "rotary")
 CLASSIFIER_POOLINGS = ("mean", "last")
 
+# The `auto_map` every saved LongVQ config carries: the remote-code class of each Auto class, so that a checkpoint
+# written by `save_pretrained` / `push_to_hub` (which copy this file and modeling_longvq.py next to the weights) loads
+# with `trust_remote_code=True` where the longvq package is not installed, through any of the heads.
+AUTO_MAP = {
+    "AutoConfig": "configuration_longvq.LongVQConfig",
+    "AutoModel": "modeling_longvq.LongVQModel",
+    "AutoModelForCausalLM": "modeling_longvq.LongVQForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_longvq.LongVQForSequenceClassification",
+}
+
 
 class LongVQConfig(PreTrainedConfig):
     r"""
@@ -76,8 +86,10 @@ class LongVQConfig(PreTrainedConfig):
     """
 
     model_type = "longvq"
-    # Trainer drops these output fields before gathering predictions.
-    keys_to_ignore_at_inference = ["past_key_values", "commitment_loss", "codebook_usage", "codebook_perplexity"]
+    _auto_class = "AutoConfig"  # save_pretrained copies this file next to config.json (remote code)
+    # Trainer drops these output fields before gathering predictions (the decoding state is `past_key_values` before
+    # transformers 5.24 and `cache` since).
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "commitment_loss", "codebook_usage", "codebook_perplexity"]
 
     def __init__(
         self,
@@ -149,6 +161,7 @@ class LongVQConfig(PreTrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.classifier_dropout = classifier_dropout
         self.validate_longvq()
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
 
     def validate_longvq(self):
@@ -205,4 +218,4 @@ def _check_choice(name, value, choices):
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
-__all__ = ["LongVQConfig"]
+__all__ = ["AUTO_MAP", "LongVQConfig"]

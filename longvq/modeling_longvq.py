@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -36,6 +36,18 @@ from transformers.utils import logging
 from .configuration_longvq import LongVQConfig
 
 logger = logging.get_logger(__name__)
+
+# The name of the decoding state in forward()/generate() arguments and in model outputs: transformers 5.24 renamed it
+# from `past_key_values` to `cache` (outputs keep a deprecated alias). Arguments accept both names; outputs and
+# generate()'s model kwargs use the installed version's.
+CACHE_NAME = "cache" if "cache" in {field.name for field in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _cache_argument(cache, past_key_values):
+    """The decoding state passed under either name (`cache` since transformers 5.24, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the decoding state once, as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -409,11 +421,22 @@ class LongVQVectorQuantizer(nn.Module):
     training forward (see `LongVQModel._update_codebooks` for why).
     """
 
-    def __init__(self, config: LongVQConfig):
+    def __init__(self, config: LongVQConfig, layer_idx: int = 0):
         super().__init__()
         self.decay = config.codebook_ema_decay
-        self.register_buffer("codebook_sum", torch.empty(config.codebook_size, config.shared_representation_size))
-        self.register_buffer("codebook_count", torch.empty(config.codebook_size))
+        self.layer_idx = layer_idx
+        codebook_sum, codebook_count = self.initial_buffers(config.codebook_size, config.shared_representation_size)
+        self.register_buffer("codebook_sum", codebook_sum)
+        self.register_buffer("codebook_count", codebook_count)
+
+    def initial_buffers(self, codebook_size: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The initial codebook as running sums (S, Z) and counts (S,): codewords at unit RMS per dimension, like the
+        normalised keys, each counted once. They are drawn from a generator seeded by the layer index, so that
+        `__init__` and `_init_weights` (which re-initialises buffers after a meta-device construction) give the same
+        buffers, and every layer starts from its own codebook."""
+        generator = torch.Generator().manual_seed(self.layer_idx)
+        codewords = torch.randn(codebook_size, dim, generator=generator, device="cpu")  # the generator's device
+        return codewords.to(torch.get_default_device()), torch.ones(codebook_size)
 
     def codebook(self) -> torch.Tensor:
         """(S, Z) float32; never modified in place (an EMA update of the buffers yields a new tensor next time)."""
@@ -791,18 +814,18 @@ def vq_attention_step(
     # Write the token into its slot in place (the state owns its tensors); a padded row's slot stays empty.
     rows, write, new_values = plan.rows, chunk_size + plan.slot, value[:, 0].to(state.values.dtype)
     if plan.all_real:
-        state.codes[rows, write] = codes[:, 0]
+        state.keys[rows, write] = codes[:, 0]
         state.values[rows, write] = new_values
         state.logit_offsets[rows, write] = 0.0
     else:
         real = plan.real
-        state.codes[rows, write] = torch.where(real, codes[:, 0], state.codes[rows, write])
+        state.keys[rows, write] = torch.where(real, codes[:, 0], state.keys[rows, write])
         state.values[rows, write] = torch.where(real[:, None], new_values, state.values[rows, write])
         state.logit_offsets[rows, write] = torch.where(real, 0.0, state.logit_offsets[rows, write])
 
     # logits = q.C_code / sqrt(Z) + [bias(i - j) | log N_s] (+ the empty-slot mask), one softmax over 2C + S.
     scores = (query[:, 0] * query.shape[-1] ** -0.5).float() @ codebook.t()  # (B, S), every key is a codeword
-    codes, offsets, values, bias = state.codes, state.logit_offsets, state.values, _decode_bias(position_bias, chunk_size, state)
+    codes, offsets, values, bias = state.keys, state.logit_offsets, state.values, _decode_bias(position_bias, chunk_size, state)
     if not memory:  # the window slots only
         window = 2 * chunk_size
         codes, offsets, values, bias = codes[:, :window], offsets[:, :window], values[:, :window], bias[:, :window]
@@ -816,110 +839,14 @@ def _decode_bias(position_bias, chunk_size, state):
     layout (window slots j get `bias(C + s - j)`, memory entries 0). Memoised on the bias parameters."""
 
     def compute():
-        offsets = window_offsets(chunk_size, bidirectional=False, device=state.codes.device)
+        offsets = window_offsets(chunk_size, bidirectional=False, device=state.keys.device)
         bias = position_bias(offsets).float()
-        return F.pad(bias, (0, state.codes.shape[1] - bias.shape[1]))
+        return F.pad(bias, (0, state.keys.shape[1] - bias.shape[1]))
 
     return _derived(position_bias, "decode_rows", compute, *position_bias.parameters())
 
 
 _EMPTY = torch.finfo(torch.float32).min  # logit offset of an empty slot: exp underflows to exactly 0
-
-
-class LongVQLayerState:
-    """One layer's decoding state; its size depends on the batch and the config only, never on tokens seen.
-
-    Stored in the joint layout the decode step attends over, 2C window slots followed by S memory entries:
-      - ema (B, D, N) float32: the EMA recurrence state (None before any token);
-      - codes (B, 2C + S) long: the codes (= quantized keys) of the previous block (slots [0, C)) and the current
-        block (slots [C, 2C)), then the constant codes 0..S-1 of the memory entries;
-      - values (B, 2C + S, H): the window's values, then the memory's per-code value means;
-      - logit_offsets (B, 2C + S) float32: 0 for a filled window slot, log N_s for a memory code with N_s > 0,
-        and a huge negative number for empty entries;
-      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window.
-    """
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-    supports_early_init = False
-    fields = ("ema", "codes", "values", "logit_offsets", "memory_counts")
-
-    def __init__(self):
-        self.reset()
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.codes is not None
-
-    def initialize(self, config, batch_size: int, device, dtype):
-        """Empty window and memory; `ema` stays None until the first tokens set it."""
-        window, size = 2 * config.chunk_size, 2 * config.chunk_size + config.codebook_size
-        self.codes = torch.zeros(batch_size, size, dtype=torch.long, device=device)
-        self.codes[:, window:] = torch.arange(config.codebook_size, device=device)
-        self.values = torch.zeros(batch_size, size, config.intermediate_size, device=device, dtype=dtype)
-        self.logit_offsets = torch.full((batch_size, size), _EMPTY, device=device)
-        self.memory_counts = torch.zeros(batch_size, config.codebook_size, device=device)
-
-    @property
-    def window_size(self) -> int:
-        return self.codes.shape[1] - self.memory_counts.shape[1]
-
-    def window(self):
-        """codes (B, 2C), values (B, 2C, H), mask (B, 2C) bool."""
-        w = self.window_size
-        return self.codes[:, :w], self.values[:, :w], self.logit_offsets[:, :w] >= 0
-
-    def memory(self):
-        """counts (B, S) float32, value means (B, S, H)."""
-        return self.memory_counts, self.values[:, self.window_size :]
-
-    def set_window(self, codes, values, mask):
-        w = self.window_size
-        self.codes = torch.cat([codes, self.codes[:, w:]], dim=1)
-        self.values = torch.cat([values.to(self.values.dtype), self.values[:, w:]], dim=1)
-        window_offsets_ = torch.where(mask, 0.0, _EMPTY)
-        self.logit_offsets = torch.cat([window_offsets_, self.logit_offsets[:, w:]], dim=1)
-
-    def set_memory(self, counts, means):
-        w = self.window_size
-        self.memory_counts = counts
-        self.values = torch.cat([self.values[:, :w], means.to(self.values.dtype)], dim=1)
-        memory_offsets = torch.where(counts > 0, counts.clamp(min=1).log(), _EMPTY)
-        self.logit_offsets = torch.cat([self.logit_offsets[:, :w], memory_offsets], dim=1)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self.fields if getattr(self, name) is not None]
-
-    def _map(self, fn):
-        for name in self.fields:
-            if getattr(self, name) is not None:
-                setattr(self, name, fn(getattr(self, name)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int):
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        self._map(lambda t: t[indices.to(t.device)])
-
-    def reset(self):
-        for name in self.fields:
-            setattr(self, name, None)
-
-    def crop(self, tokens_to_remove: int):
-        raise ValueError(_NO_ROLLBACK)
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def offload(self):
-        pass
-
-    def prefetch(self):
-        pass
 
 
 # The config fields that fix the shapes of a `LongVQCache`; a cache must agree with the model on all of them.
@@ -934,15 +861,134 @@ _NO_ROLLBACK = (
 )
 
 
+class LongVQLayerState(CacheLayerMixin):
+    """One layer's decoding state, a transformers cache layer whose size depends on the batch and the config only,
+    never on the number of tokens seen.
+
+    Stored in the joint layout the decode step attends over, 2C window slots followed by S memory entries:
+      - keys (B, 2C + S) long: the key of every slot as its code (a quantized key is the codeword it names): the
+        previous block's tokens (slots [0, C)), the current block's (slots [C, 2C)), then the memory's codes 0..S-1;
+      - values (B, 2C + S, H): the window's values, then the memory's per-code value means;
+      - logit_offsets (B, 2C + S) float32: 0 for a filled window slot, log N_s for a memory code with N_s > 0,
+        and a huge negative number for empty entries;
+      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window;
+      - ema (B, D, N) float32: the EMA recurrence state (None until the first tokens set it).
+
+    The VQ-attention ops read and write these tensors (`window`, `memory`, `set_window`, `set_memory`); transformers'
+    key/value `update` protocol, which returns the whole key/value history, does not apply to a constant-size state.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False  # the shapes come from the config, not from key/value states
+    state_names = ("keys", "values", "logit_offsets", "memory_counts", "ema")
+
+    def __init__(self, config):
+        super().__init__()
+        self.window_size = 2 * config.chunk_size
+        self.codebook_size = config.codebook_size
+        self.value_size = config.intermediate_size
+        self.logit_offsets = self.memory_counts = self.ema = None
+        self.device = None
+        self.seen_tokens = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """An empty window and memory for the batch, device and dtype of the first tokens' codes (B, T) and values
+        (B, T, H); `ema` stays None until the first tokens set it."""
+        batch, device = key_states.shape[0], key_states.device
+        size = self.window_size + self.codebook_size
+        self.keys = torch.zeros(batch, size, dtype=torch.long, device=device)
+        self.keys[:, self.window_size :] = torch.arange(self.codebook_size, device=device)
+        self.values = torch.zeros(batch, size, self.value_size, device=device, dtype=value_states.dtype)
+        self.logit_offsets = torch.full((batch, size), _EMPTY, device=device)
+        self.memory_counts = torch.zeros(batch, self.codebook_size, device=device)
+        self.device = device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            "A LongVQ layer state is updated by the VQ-attention ops, not by `update`: it keeps a constant-size window "
+            "and codebook memory, never the key/value history that `update` returns."
+        )
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.13, abstract there
+
+    def window(self):
+        """codes (B, 2C), values (B, 2C, H), mask (B, 2C) bool."""
+        w = self.window_size
+        return self.keys[:, :w], self.values[:, :w], self.logit_offsets[:, :w] >= 0
+
+    def memory(self):
+        """counts (B, S) float32, value means (B, S, H)."""
+        return self.memory_counts, self.values[:, self.window_size :]
+
+    def set_window(self, codes, values, mask):
+        w = self.window_size
+        self.keys = torch.cat([codes, self.keys[:, w:]], dim=1)
+        self.values = torch.cat([values.to(self.values.dtype), self.values[:, w:]], dim=1)
+        window_offsets_ = torch.where(mask, 0.0, _EMPTY)
+        self.logit_offsets = torch.cat([window_offsets_, self.logit_offsets[:, w:]], dim=1)
+
+    def set_memory(self, counts, means):
+        w = self.window_size
+        self.memory_counts = counts
+        self.values = torch.cat([self.values[:, :w], means.to(self.values.dtype)], dim=1)
+        memory_offsets = torch.where(counts > 0, counts.clamp(min=1).log(), _EMPTY)
+        self.logit_offsets = torch.cat([self.logit_offsets[:, :w], memory_offsets], dim=1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.state_names if getattr(self, name) is not None]
+
+    def _map(self, fn):
+        for name in self.state_names:
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def offload(self):
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.device is not None:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self):
+        for name in self.state_names:
+            setattr(self, name, None)
+        self.is_initialized = False
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int):
+        raise ValueError(_NO_ROLLBACK)
+
+
 class LongVQCache(Cache):
-    """Constant-size decoding state of a causal LongVQ model, returned as `past_key_values`.
+    """Constant-size decoding state of a causal LongVQ model, returned as the model output's cache.
 
     Holds one `LongVQLayerState` per layer plus, per row, the block-grid position of the next token (`positions`,
-    counted from the row's first real token, so left padding is invisible). `get_seq_length()` is the number of
+    counted over the row's real tokens only, so padding anywhere is invisible). `get_seq_length()` is the number of
     input columns consumed (padding included), which is what `generate()` slices inputs by.
 
     The state cannot roll back: `crop` raises, and strategies that need it (assisted / prompt-lookup decoding)
-    are refused by `generate()` because the model is stateful.
+    are refused by `generate()`.
     """
 
     is_compileable = False
@@ -951,19 +997,9 @@ class LongVQCache(Cache):
     def __init__(self, config=None, **kwargs):
         if config is None:
             raise TypeError("LongVQCache(config): pass the model's LongVQConfig.")
-        super().__init__(layers=[LongVQLayerState() for _ in range(config.num_hidden_layers)])
+        super().__init__(layers=[LongVQLayerState(config) for _ in range(config.num_hidden_layers)])
         self.config = config
         self.positions = None
-        self.seen_tokens = 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
 
     @property
     def is_initialized(self) -> bool:
@@ -981,9 +1017,8 @@ class LongVQCache(Cache):
             tensors.append(self.positions)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def initialize(self, batch_size: int, device, dtype):
-        for layer in self.layers:
-            layer.initialize(self.config, batch_size, device, dtype)
+    def initialize(self, batch_size: int, device):
+        """Start the per-row block positions; each layer initialises its own tensors on its own device."""
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def plan(self, mask: torch.Tensor) -> LongVQDecodePlan:
@@ -996,14 +1031,15 @@ class LongVQCache(Cache):
         )  # fmt: skip
 
     def advance(self, lengths: torch.Tensor, columns: int):
-        """Record that row b moved `lengths[b]` block positions and the input had `columns` columns."""
+        """Record that row b moved `lengths[b]` block positions (its real tokens) and the input had `columns`
+        columns."""
         self.positions = self.positions + lengths.to(self.positions.device)
-        self.seen_tokens += columns
+        for layer in self.layers:
+            layer.seen_tokens += columns
 
     def reset(self):
         super().reset()
         self.positions = None
-        self.seen_tokens = 0
 
     def crop(self, tokens_to_remove: int):
         raise ValueError(_NO_ROLLBACK)
@@ -1066,7 +1102,7 @@ class LongVQGatedAttention(nn.Module):
         self.mix_proj = nn.Linear(d, sum(self.split_sizes))
         self.query_key_scale = nn.Parameter(torch.empty(2, z))
         self.query_key_offset = nn.Parameter(torch.empty(2, z))
-        self.quantizer = LongVQVectorQuantizer(config)
+        self.quantizer = LongVQVectorQuantizer(config, layer_idx)
         bias_class = {
             "simple": LongVQSimpleRelativePositionalBias,
             "rotary": LongVQRotaryRelativePositionalBias,
@@ -1074,10 +1110,10 @@ class LongVQGatedAttention(nn.Module):
         self.position_bias = bias_class(config)
         self.out_proj = nn.Linear(h, d)
 
-    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None, carry=None):
+    def forward(self, hidden_states, mask, codebook, cache=None, lengths=None, plan=None, carry=None):
         """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z).
 
-        With `past_key_values` (a `LongVQCache`) this layer continues its decoding state and updates it: block-
+        With `cache` (a `LongVQCache`) this layer continues its decoding state and updates it: block-
         parallel for several new tokens, where `lengths` (B,) are the block positions each row advances (up to its
         last real token), or one step with the shared `plan` of a single-token step. With `carry` (a
         `LongVQSegmentCarry`) the input is one piece of a long causal input, continuing and updating the carry.
@@ -1088,10 +1124,8 @@ class LongVQGatedAttention(nn.Module):
         x = self.norm(hidden_states, mask) if self.normalize_before else hidden_states
         value = _dropout(F.silu(self.value_proj(x)), self.hidden_dropout, self.training)
         state = None
-        if past_key_values is not None:
-            state = past_key_values.layers[self.layer_idx]
-            if not state.is_initialized:  # created here, on this layer's device
-                state.initialize(self.config, x.shape[0], x.device, value.dtype)
+        if cache is not None:
+            state = cache.layers[self.layer_idx]
             fresh = state.ema is None  # read before the EMA below sets it
         if carry is not None:  # every row runs through the whole piece (padding only trails: nothing real follows)
             state, lengths = carry, torch.full((x.shape[0],), x.shape[1], device=x.device)
@@ -1108,6 +1142,8 @@ class LongVQGatedAttention(nn.Module):
             codes, key_quantized, squared_error = self.quantizer.quantize(key, codebook)
         else:
             codes = self.quantizer.nearest(key, codebook)
+        if cache is not None and not state.is_initialized:  # created here, on this layer's device
+            state.lazy_initialization(codes, value)
         if carry is not None:
             attention = vq_attention_carried(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, carry,
@@ -1126,7 +1162,7 @@ class LongVQGatedAttention(nn.Module):
         else:
             attention = vq_attention_with_state(
                 query, key_quantized, value, codes, codebook, mask, self.position_bias, self.chunk_size, state,
-                past_key_values.positions.to(x.device), lengths.to(x.device), fresh, self.codebook_memory,
+                cache.positions.to(x.device), lengths.to(x.device), fresh, self.codebook_memory,
             )  # fmt: skip
         gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.dropout, self.training)
         # residual + sigmoid(u) (gated - residual), fused; the residual stream keeps its dtype under autocast
@@ -1173,11 +1209,11 @@ class LongVQBlock(GradientCheckpointingLayer):
         self.attention = LongVQGatedAttention(config, layer_idx)
         self.feed_forward = LongVQNormalizedFeedForward(config)
 
-    def forward(self, hidden_states, mask, codebook, past_key_values=None, lengths=None, plan=None, carry=None):
+    def forward(self, hidden_states, mask, codebook, cache=None, lengths=None, plan=None, carry=None):
         """Returns hidden states (B, T, D), the summed squared quantization error (), code counts (S,), key sums
         (S, Z) and restart keys (S, Z) as a flat tuple (gradient checkpointing handles tensors only); the statistics
         are None for an eval decoding step, the key sums outside training, the restart keys unless restarts are on."""
-        hidden_states, stats = self.attention(hidden_states, mask, codebook, past_key_values, lengths, plan, carry)
+        hidden_states, stats = self.attention(hidden_states, mask, codebook, cache, lengths, plan, carry)
         hidden_states = self.feed_forward(hidden_states, mask)
         if stats is None:
             return hidden_states, None, None, None, None
@@ -1212,7 +1248,7 @@ class LongVQOutputFields:
 
 @dataclass
 class LongVQModelOutput(LongVQOutputFields, BaseModelOutputWithPast):
-    r"""`BaseModelOutputWithPast` plus the VQ fields; `past_key_values` is a `LongVQCache`."""
+    r"""`BaseModelOutputWithPast` plus the VQ fields; the cache field is a `LongVQCache`."""
 
 
 @dataclass
@@ -1233,7 +1269,6 @@ class LongVQSequenceClassifierOutput(LongVQOutputFields, SequenceClassifierOutpu
 # changed after saving (bit rot, a partial copy, an edit) is refused on load; files without it load unchecked. It is
 # an integrity check, not a signature: whoever can edit the file can also rewrite the digest.
 _DIGEST_KEY = "longvq_sha256"
-_HEAD_PREFIXES = ("lm_head.", "score.")  # head modules a checkpoint of another head (or of the base) may lack
 
 
 def _safetensors_header(path: str) -> tuple[dict, int]:
@@ -1336,38 +1371,21 @@ def _checkpoint_weight_files(path, kwargs: dict) -> list[str] | None:
         return None
 
 
-def _check_loaded_keys(model, info: dict, path, ignore_mismatched_sizes: bool, strict: bool):
-    """Raise ValueError when the checkpoint's tensors disagree with the model built from its config."""
-    mismatched = sorted(info["mismatched_keys"], key=lambda item: item[0])
-    if mismatched and not ignore_mismatched_sizes:
-        shown = "; ".join(f"{key}: checkpoint {tuple(saved)}, model {tuple(built)}" for key, saved, built in mismatched[:5])
-        raise ValueError(
-            f"The weights of {path} do not fit the model built from its config ({len(mismatched)} tensors differ in "
-            f"shape: {shown}{'; ...' if len(mismatched) > 5 else ''}). Was config.json edited? Pass "
-            "`ignore_mismatched_sizes=True` to re-initialise those tensors instead."
-        )
-    if not strict:
-        return
-    head = type(model).__name__ != "LongVQModel"  # a head may lack its own layer: base or other-head checkpoints
-    missing = sorted(key for key in info["missing_keys"] if not (head and key.startswith(_HEAD_PREFIXES)))
-    unexpected = sorted(key for key in info["unexpected_keys"] if not key.startswith(_HEAD_PREFIXES))
-    loaded = len(model.state_dict()) > len(info["missing_keys"]) + len(mismatched)
-    if (missing and (loaded or info["unexpected_keys"])) or unexpected:
-        raise ValueError(
-            f"The weights of {path} do not match the model built from its config: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-            "(a different num_hidden_layers or model type?). Pass `strict=False` to initialise missing tensors and "
-            "ignore unexpected ones, as transformers does by default."
-        )
-
-
 class LongVQPreTrainedModel(PreTrainedModel):
+    """Base class of the LongVQ models.
+
+    Every concrete LongVQ class is registered for its Auto class (`_auto_class`, as `register_for_auto_class` does),
+    so `save_pretrained`, `push_to_hub` and `Trainer` checkpoints copy `configuration_longvq.py` and
+    `modeling_longvq.py` next to the weights, and `config.json` carries an `auto_map` for every head: the checkpoint
+    loads with the package installed (`import longvq`) and, without it, with `trust_remote_code=True`.
+    """
+
     config_class = LongVQConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LongVQBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # the decoding state's name before / since 5.24
     _is_stateful = True
     _supports_sdpa = False
     _supports_flash_attn = False
@@ -1402,9 +1420,9 @@ class LongVQPreTrainedModel(PreTrainedModel):
             init.normal_(module.alpha, mean=0.0, std=config.initializer_range)
             init.normal_(module.beta, mean=0.0, std=config.initializer_range)
         elif isinstance(module, LongVQVectorQuantizer):
-            # Codewords start at unit RMS per dimension, like the normalised keys.
-            init.normal_(module.codebook_sum, mean=0.0, std=1.0)
-            init.ones_(module.codebook_count)
+            codebook_sum, codebook_count = module.initial_buffers(*module.codebook_sum.shape)
+            init.copy_(module.codebook_sum, codebook_sum)
+            init.copy_(module.codebook_count, codebook_count)
         elif isinstance(module, LongVQGatedAttention):
             # q/k start as identity affines of SiLU(z) (a zero scale would give uniform attention for many steps).
             init.normal_(module.query_key_scale, mean=1.0, std=config.initializer_range)
@@ -1431,16 +1449,16 @@ class LongVQPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        r"""`PreTrainedModel.from_pretrained`, restricted to safe and consistent checkpoints:
+        r"""`PreTrainedModel.from_pretrained`, restricted to safetensors weights:
 
         - weights are read only from safetensors (`model.safetensors` or its sharded index): a pickle
           (`pytorch_model.bin`) or GGUF file is never opened, and `use_safetensors=False` is refused;
         - a truncated or corrupt weights file, or one whose contents changed since `save_pretrained` recorded its
-          sha256, raises ValueError naming the file;
-        - weights that disagree with the config raise ValueError: shape mismatches (unless
-          `ignore_mismatched_sizes=True`, which re-initialises them), and missing or unexpected tensors of the LongVQ
-          stack (unless `strict=False`, transformers' default of initialising/ignoring them with a warning). A head
-          loaded from a checkpoint of the base model or of another head may lack its own layer (`lm_head`, `score`).
+          sha256, raises ValueError naming the file.
+
+        Everything else is transformers' behaviour: tensors missing from the checkpoint are initialised and unexpected
+        ones ignored, with a warning; a tensor whose shape differs from the model's raises RuntimeError unless
+        `ignore_mismatched_sizes=True` re-initialises it.
         """
         if kwargs.get("use_safetensors") is False or kwargs.get("gguf_file") is not None:
             raise ValueError(
@@ -1448,9 +1466,6 @@ class LongVQPreTrainedModel(PreTrainedModel):
                 "supported (pickled weights can execute code when loaded)."
             )
         kwargs["use_safetensors"] = True
-        strict = kwargs.pop("strict", True)
-        return_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         files = None
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             files = _checkpoint_weight_files(pretrained_model_name_or_path, kwargs)
@@ -1464,18 +1479,13 @@ class LongVQPreTrainedModel(PreTrainedModel):
             for file in files or []:
                 _verify_weights_file(file)
         try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
-                **kwargs,
-            )  # fmt: skip
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except Exception as error:
             if type(error).__name__ != "SafetensorError":
                 raise
             raise ValueError(
                 f"Could not read the safetensors weights of {pretrained_model_name_or_path} ({files}): {error}"
             ) from error
-        _check_loaded_keys(model, info, pretrained_model_name_or_path, ignore_mismatched_sizes, strict)
-        return (model, info) if return_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors only), recording each weight file's sha256 in its metadata
@@ -1486,8 +1496,9 @@ class LongVQPreTrainedModel(PreTrainedModel):
         push_to_hub = kwargs.pop("push_to_hub", False)
         hub_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "commit_message", "create_pr", "private") if name in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
-        if not self.should_save_on_this_rank(kwargs.get("is_main_process", args[0] if args else True)):
-            return
+        main_process = kwargs.get("is_main_process", args[0] if args else True)
+        if not main_process or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+            return  # only the process that wrote the files seals them
         from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
         variant = kwargs.get("variant")
@@ -1557,6 +1568,8 @@ def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
 class LongVQModel(LongVQPreTrainedModel):
     """The LongVQ stack: token embedding (or a linear encoder of continuous inputs) -> blocks -> final norm."""
 
+    _auto_class = "AutoModel"  # see `LongVQPreTrainedModel`: saved checkpoints carry this file as remote code
+
     def __init__(self, config: LongVQConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -1583,26 +1596,29 @@ class LongVQModel(LongVQPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: LongVQCache | None = None,
         **kwargs,
     ) -> LongVQModelOutput | tuple:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch, length)`): token ids in `[0, vocab_size)`.
         attention_mask (`torch.Tensor` of shape `(batch, length)` or `(batch, past + length)`, *optional*): 1 for real
             tokens, 0 for padding (with a cache, the mask may cover the whole history as `generate()` passes it).
-            For causal models, blocks are counted from each row's first real token, so a left-padded row computes
-            exactly what it computes alone.
+            Padding may be anywhere: each row computes exactly what its real tokens compute alone (for causal models,
+            blocks are counted over the real tokens only).
         inputs_embeds (`torch.FloatTensor` of shape `(batch, length, hidden_size)`, or `(batch, length, input_dim)`
             when `config.input_dim` is set): continuous inputs instead of token ids.
-        past_key_values (`LongVQCache`, *optional*): decoding state to continue (causal models only); updated in
-            place and returned. An empty `Cache` of another type is replaced by a `LongVQCache`.
+        cache / past_key_values (`LongVQCache`, *optional*): decoding state to continue (causal models only), under
+            either name (transformers 5.24 renamed `past_key_values` to `cache`); updated in place and returned in
+            the output field of the installed transformers version. An empty `Cache` of another type is replaced by
+            a `LongVQCache`.
         use_cache (`bool`, *optional*): return the decoding state; defaults to `config.use_cache` in eval mode.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        past_key_values = self._prepare_cache(past_key_values, use_cache)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = self._prepare_cache(_cache_argument(cache, past_key_values), use_cache)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and past_length and attention_mask.dim() == 2:
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             if attention_mask.shape[1] == past_length + length:  # generate() passes the mask of the whole history
@@ -1621,47 +1637,40 @@ class LongVQModel(LongVQPreTrainedModel):
         else:
             mask = attention_mask.to(device=hidden_states.device).bool()
 
-        # Move left padding out of the way: rotate each row so its first real token is at index 0. Blocks are then
-        # counted from the first real token, and left padding becomes trailing padding that no real token sees.
-        aligned = False
-        if length > 1:
-            lead = (~mask).int().cumprod(-1).sum(-1)  # leading pads per row
-            aligned = bool(lead.any())
-        if aligned:
-            index = (torch.arange(length, device=mask.device) + lead[:, None]) % length
-            unindex = (torch.arange(length, device=mask.device) - lead[:, None]) % length
-            hidden_states, mask = _gather_rows(hidden_states, index), mask.gather(1, index)
+        # Move padding out of the way: each row's real tokens, in order, go in front of its padding. Blocks are then
+        # counted over the real tokens only, and the padding trails where no real token sees it.
+        compacted = length > 1 and attention_mask is not None and (torch.compiler.is_compiling() or not bool(mask.all()))
+        if compacted:
+            order, inverse = _real_tokens_first(mask)
+            hidden_states, mask = _gather_rows(hidden_states, order), mask.gather(1, order)
         lengths = plan = None
-        if past_key_values is not None:
-            if past_key_values.batch_size not in (-1, batch):
-                raise ValueError(f"The cache holds {past_key_values.batch_size} rows but the input has {batch}.")
-            if not past_key_values.is_initialized:
-                past_key_values.initialize(batch, hidden_states.device, hidden_states.dtype)
-            if length == 1:
-                lengths = mask[:, 0].long()
-                if past_key_values.seen_tokens > 0:  # a decoding step: O(1) recurrence in every layer
-                    plan = past_key_values.plan(mask[:, 0])
-            else:  # up to each row's last real token
-                lengths = length - (~mask).flip(-1).int().cumprod(-1).sum(-1)
+        if cache is not None:
+            if cache.batch_size not in (-1, batch):
+                raise ValueError(f"The cache holds {cache.batch_size} rows but the input has {batch}.")
+            if not cache.is_initialized:
+                cache.initialize(batch, hidden_states.device)
+            lengths = mask.sum(-1)  # each row's real tokens
+            if length == 1 and past_length > 0:  # a decoding step: O(1) recurrence in every layer
+                plan = cache.plan(mask[:, 0])
 
         # The codebooks are read here, outside the (possibly checkpointed) layers: a recompute in backward sees the
         # same codewords as the forward, although the EMA update below has been applied in between.
         codebooks = [layer.attention.quantizer.codebook() for layer in self.layers]
-        segment = self._segment_length(length, past_key_values)
+        segment = self._segment_length(length, cache)
         if segment:
             hidden_states, (squared_errors, counts, sums, restart_keys), all_hidden_states = self._forward_in_segments(
                 hidden_states, mask, codebooks, segment, output_hidden_states
             )
         else:
             hidden_states, (squared_errors, counts, sums, restart_keys), all_hidden_states = self._run_layers(
-                hidden_states, mask, codebooks, past_key_values, lengths, plan, output_hidden_states
+                hidden_states, mask, codebooks, cache, lengths, plan, output_hidden_states
             )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states, mask)
             if output_hidden_states:
                 all_hidden_states[-1] = hidden_states
-        if past_key_values is not None:
-            past_key_values.advance(lengths, length)
+        if cache is not None:
+            cache.advance(lengths, length)
 
         vq_fields = {}
         if counts[0] is not None:
@@ -1676,19 +1685,19 @@ class LongVQModel(LongVQPreTrainedModel):
                 codebook_perplexity=entropy.exp(),
             )
 
-        if aligned:
-            hidden_states = _gather_rows(hidden_states, unindex)
+        if compacted:
+            hidden_states = _gather_rows(hidden_states, inverse)
             if output_hidden_states:
-                all_hidden_states = [_gather_rows(h, unindex) for h in all_hidden_states]
+                all_hidden_states = [_gather_rows(h, inverse) for h in all_hidden_states]
         output = LongVQModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_NAME: cache},
             **vq_fields,
         )
         return output if return_dict else output.to_tuple()
 
-    def _run_layers(self, hidden_states, mask, codebooks, past_key_values, lengths, plan, output_hidden_states):
+    def _run_layers(self, hidden_states, mask, codebooks, cache, lengths, plan, output_hidden_states):
         """Every block over one input. Returns the hidden states (B, T, D), the per-layer statistics as four lists
         (summed squared quantization errors, code counts, key sums, restart keys; see `LongVQBlock`) and the hidden
         states before and after each block (None unless `output_hidden_states`)."""
@@ -1696,7 +1705,7 @@ class LongVQModel(LongVQPreTrainedModel):
         statistics = ([], [], [], [])
         for layer, codebook in zip(self.layers, codebooks):
             hidden_states, *layer_statistics = layer(
-                hidden_states, mask, codebook=codebook, past_key_values=past_key_values, lengths=lengths, plan=plan
+                hidden_states, mask, codebook=codebook, cache=cache, lengths=lengths, plan=plan
             )
             for collected, value in zip(statistics, layer_statistics):
                 collected.append(value)
@@ -1704,9 +1713,9 @@ class LongVQModel(LongVQPreTrainedModel):
                 all_hidden_states.append(hidden_states)
         return hidden_states, statistics, all_hidden_states
 
-    def _segment_length(self, length: int, past_key_values) -> int | None:
+    def _segment_length(self, length: int, cache) -> int | None:
         """Piece length for `_forward_in_segments` (a multiple of chunk_size), or None to run the input whole."""
-        if self.config.segment_length is None or self.config.bidirectional or past_key_values is not None:
+        if self.config.segment_length is None or self.config.bidirectional or cache is not None:
             return None
         chunk_size = self.config.chunk_size
         segment = max(self.config.segment_length // chunk_size, 1) * chunk_size
@@ -1764,37 +1773,37 @@ class LongVQModel(LongVQPreTrainedModel):
             layer.gradient_checkpointing = enabled
         return (*outputs, carry)
 
-    def _prepare_cache(self, past_key_values, use_cache):
+    def _prepare_cache(self, cache, use_cache):
         """The `LongVQCache` to continue (or a new one), or None when no state is wanted."""
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        use_cache = use_cache or past_key_values is not None
+        use_cache = use_cache or cache is not None
         if not use_cache:
             return None
         if self.config.bidirectional:
-            if past_key_values is not None:
-                raise ValueError("A bidirectional LongVQ model has no decoding state: do not pass `past_key_values`.")
+            if cache is not None:
+                raise ValueError(f"A bidirectional LongVQ model has no decoding state: do not pass `{CACHE_NAME}`.")
             return None  # the default use_cache=True simply does not apply to encoders
         if self.training and self.is_activation_checkpointing:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not returning a cache.")
             return None
-        if past_key_values is None:
+        if cache is None:
             return LongVQCache(self.config)
-        if isinstance(past_key_values, Cache) and type(past_key_values).__name__ == "LongVQCache":
+        if isinstance(cache, Cache) and type(cache).__name__ == "LongVQCache":
             # A state built for another architecture would fail deep inside a layer (or silently skip layers).
-            theirs = getattr(past_key_values, "config", None)
+            theirs = getattr(cache, "config", None)
             for name in _CACHE_SHAPE_FIELDS:
                 if getattr(theirs, name, None) != getattr(self.config, name):
                     raise ValueError(
-                        f"`past_key_values` was built for a different LongVQ configuration: its {name} is "
+                        f"`{CACHE_NAME}` was built for a different LongVQ configuration: its {name} is "
                         f"{getattr(theirs, name, None)}, this model's is {getattr(self.config, name)}."
                     )
-            return past_key_values
-        if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
+            return cache
+        if isinstance(cache, Cache) and cache.get_seq_length() == 0:
             return LongVQCache(self.config)  # an empty foreign cache (e.g. DynamicCache()) carries nothing to keep
         raise TypeError(
-            f"`past_key_values` must be a LongVQCache (got {type(past_key_values).__name__}); LongVQ's decoding "
-            "state is recurrent and cannot be built from key/value caches."
+            f"`{CACHE_NAME}` must be a LongVQCache (got {type(cache).__name__}); LongVQ's decoding state is recurrent "
+            "and cannot be built from key/value caches."
         )
 
     @torch.no_grad()
@@ -1852,6 +1861,13 @@ def _pick_per_code(candidates):
     return stacked[piece, torch.arange(stacked.shape[1], device=stacked.device)]
 
 
+def _real_tokens_first(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For mask (B, T) bool: the (B, T) permutation that puts each row's real tokens, in order, in front of its
+    padding, and its inverse."""
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+    return order, torch.argsort(order, dim=1)
+
+
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (B, T, D); index: (B, T). Returns x[b, index[b, t]]."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -1868,6 +1884,7 @@ def _vq_output_fields(outputs: LongVQModelOutput) -> dict:
 
 
 class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
+    _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LongVQConfig):
@@ -1894,13 +1911,13 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() builds no cache for a model without DynamicCache support; hand it an empty LongVQCache up front
         # so that features needing a cache before the first forward (chunked prefill) work as for attention models.
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation is not None:
                 logger.warning_once(
                     f"LongVQ always decodes with its constant-size LongVQCache; cache_implementation="
                     f"{generation_config.cache_implementation!r} is ignored."
                 )
-            model_kwargs["past_key_values"] = LongVQCache(self.config)
+            model_kwargs[CACHE_NAME] = LongVQCache(self.config)
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
@@ -1915,6 +1932,7 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: LongVQCache | None = None,
         **kwargs,
     ) -> LongVQCausalLMOutput | tuple:
         r"""
@@ -1934,8 +1952,9 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
                 )
             _check_label_ids(labels, self.config.vocab_size, "vocab_size")
         outputs = self.model(
-            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
-            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            cache=_cache_argument(cache, past_key_values), use_cache=use_cache,
+            output_hidden_states=output_hidden_states, return_dict=True,
         )  # fmt: skip
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -1952,7 +1971,7 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
             if commitment is not None:
                 loss = loss + self.config.vq_commitment_weight * commitment
         output = LongVQCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             **_vq_output_fields(outputs),
         )
         return output if return_dict else output.to_tuple()
@@ -1961,6 +1980,8 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
 class LongVQForSequenceClassification(LongVQPreTrainedModel):
     """LongVQ with a linear classifier (`score`) on the pooled hidden states: mean over real tokens or the last real
     token (`config.classifier_pooling`). `problem_type` single-label / multi-label / regression as in transformers."""
+
+    _auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, config: LongVQConfig):
         super().__init__(config)

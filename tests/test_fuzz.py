@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis, derandomized so CI is reproducible): the block-wise VQ-attention equals the
 dense oracle for random shapes, lengths (1 ... several blocks), paddings, chunk and codebook sizes, dtypes, causal
-and bidirectional, simple and rotary bias; and the full model gives a padded row exactly what it gives that row
-alone."""
+and bidirectional, simple and rotary bias; and the full model gives a row with padding anywhere exactly what its real
+tokens give alone, in one forward, in training mode, in pieces, in a prefill and in token-by-token decoding."""
 
 import pytest
 import torch
@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import dense_vq_attention
 
-from longvq import LongVQConfig, LongVQModel
+from longvq import LongVQConfig, LongVQForCausalLM, LongVQModel
 from longvq.modeling_longvq import (
+    CACHE_NAME,
     LongVQRotaryRelativePositionalBias,
     LongVQSimpleRelativePositionalBias,
     vq_attention,
@@ -21,7 +22,7 @@ FUZZ = settings(
     deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-PADDINGS = ("none", "left", "right", "both", "all_but_one", "mixed")
+PADDINGS = ("none", "left", "right", "both", "all_but_one", "mixed", "anywhere")
 # Tolerances: float32 as the SPEC's identity (1e-5); float64 shows the identity is exact up to rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -41,6 +42,9 @@ def _mask(kind: str, batch: int, length: int, generator: torch.Generator) -> tor
             mask[row, left:right] = True
         elif kind == "all_but_one":
             mask[row] = False
+            mask[row, left] = True
+        elif kind == "anywhere":  # holes in the middle too
+            mask[row] = torch.rand(length, generator=generator) < 0.6
             mask[row, left] = True
     if kind == "all_but_one" and batch > 1:
         mask[0] = True  # all rows but one padded down to a single token, one full row
@@ -137,6 +141,62 @@ def test_a_padded_row_computes_what_it_computes_alone(
     out = batched.last_hidden_state
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, left : left + real], alone[0], atol=1e-5, rtol=1e-5)
+
+
+_CAUSAL_LMS = {}
+
+
+def _causal_lm(chunk_size: int, codebook_size: int, segmented: bool) -> LongVQForCausalLM:
+    key = (chunk_size, codebook_size, segmented)
+    if key not in _CAUSAL_LMS:
+        torch.manual_seed(0)
+        config = tiny_config(
+            chunk_size=chunk_size, codebook_size=codebook_size, num_hidden_layers=2, pad_token_id=0,
+            segment_length=2 * chunk_size if segmented else None,
+        )  # fmt: skip
+        _CAUSAL_LMS[key] = LongVQForCausalLM(config).eval().freeze_codebooks()
+    return _CAUSAL_LMS[key]
+
+
+@settings(FUZZ, max_examples=120)
+@given(
+    chunk_size=st.integers(1, 5), codebook_size=st.integers(2, 8), length=st.integers(2, 26),
+    real_fraction=st.floats(0.05, 1.0), prefill=st.integers(1, 26), segmented=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_any_padding_pattern_computes_what_the_real_tokens_compute_alone(
+    chunk_size, codebook_size, length, real_fraction, prefill, segmented, seed
+):
+    """A causal LM row with padding anywhere (left, right, holes in the middle) beside a full row gives, at its real
+    positions, the logits of its real tokens alone: in one eval forward, in a training-mode forward (in state-carrying
+    pieces when `segmented`), and when its columns are prefilled up to `prefill` and then decoded one at a time
+    (a padded column must not advance any state)."""
+    model = _causal_lm(chunk_size, codebook_size, segmented)
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, length, generator=generator) < real_fraction
+    mask[0, int(torch.randint(0, length, (1,), generator=generator))] = True
+    mask[1] = True
+    tokens = torch.randint(1, 50, (2, length), generator=generator).masked_fill(~mask, 0)
+    real = mask[0]
+    with torch.no_grad():
+        alone = model(tokens[:1, real], use_cache=False).logits[0]
+        whole = model(tokens, attention_mask=mask.long(), use_cache=False).logits
+        model.train()
+        try:
+            trained = model(tokens, attention_mask=mask.long()).logits
+        finally:
+            model.eval()
+        prefill = min(prefill, length)
+        steps = [model(tokens[:, :prefill], attention_mask=mask[:, :prefill].long(), use_cache=True)]
+        state = getattr(steps[0], CACHE_NAME)
+        for column in range(prefill, length):
+            steps.append(model(tokens[:, column : column + 1], attention_mask=mask[:, : column + 1].long(), cache=state))
+            state = getattr(steps[-1], CACHE_NAME)
+    decoded = torch.cat([step.logits for step in steps], dim=1)
+    for name, logits in (("one forward", whole), ("training mode", trained), ("prefill + decoding", decoded)):
+        assert torch.isfinite(logits).all(), name
+        torch.testing.assert_close(logits[0, real], alone, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert state.positions.tolist() == mask.sum(-1).tolist()  # the block grid advanced by real tokens only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

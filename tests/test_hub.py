@@ -6,36 +6,27 @@ and a fresh interpreter started with `HF_HOME=<tmp>`, `HF_HUB_OFFLINE=1`, `TRANS
 `HF_MODULES_CACHE=<tmp>/modules`, stdin=/dev/null and cwd=<tmp> loads everything by repo id with
 `trust_remote_code=True`, generates, runs a pipeline, re-saves, and prints one JSON line that the tests check.
 
-Hiding the installed package: `longvq` is installed editable, i.e. `site-packages/__editable__.longvq-0.1.0.pth`
-installs a meta-path finder (`__editable___longvq_0_1_0_finder._EditableFinder`) at interpreter start-up that maps the
-name `longvq` to the source checkout. The child's first statements, before transformers is imported, remove from
-`sys.meta_path` every non-standard finder that resolves `longvq` and drop `sys.path` entries that hold a `longvq`
-package but no `transformers` (a source checkout on PYTHONPATH or the cwd); PYTHONPATH is also removed from the
-child's environment and its cwd is the temporary folder. If the package were still importable after that (a regular,
-non-editable install inside site-packages, which cannot be dropped from sys.path), the child falls back to the
-documented import blocker `sys.modules["longvq"] = None`. Either way the child asserts
-`importlib.util.find_spec("longvq") is None` and that `import longvq` raises ImportError, and reports which
-mechanism was needed; with the editable install the finder removal alone suffices, which the test asserts.
+The child cannot import `longvq` (tests/remote_code.py says how the installed package is hidden); with the editable
+install, removing its meta-path finder alone suffices, which the test asserts.
 The child also checks that the remote code never needs `longvq`: both remote-code files are loaded from
 `HF_MODULES_CACHE/transformers_modules/longvq_hyphen_test/tiny/<sha>/`.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import pipeline
+from transformers import AutoTokenizer, pipeline
 
 from longvq import LongVQConfig, LongVQForCausalLM, LongVQForSequenceClassification, LongVQModel
 from longvq.hub import AUTO_MAP, REMOTE_CODE_FILES, export_checkpoint, install_in_hub_cache
 from longvq.model_card import build_model_card
 from longvq.tokenization import BYTE_PAD_ID, byte_tokenizer
 from helpers import tiny_config
+from remote_code import run_without_longvq
 
 REPO_ID = "longvq-test/tiny"
 PROMPTS = ["The lighthouse keeper", "A long sequence é", "\U0001f600!"]
@@ -43,43 +34,6 @@ NEW_TOKENS = 12
 PIPELINE_TOKENS = 6
 
 CHILD = r"""
-import importlib, importlib.machinery, importlib.util, json, os, sys
-
-# ---- hide the installed `longvq` package (see the test module docstring) -------------------------------------------
-_STANDARD = (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter, importlib.machinery.PathFinder)
-
-
-def _resolves(finder, name):
-    try:
-        return finder.find_spec(name, None) is not None
-    except Exception:
-        return False
-
-
-def _holds(entry, name):
-    base = entry or os.getcwd()
-    return os.path.isfile(os.path.join(base, name, "__init__.py")) or os.path.isfile(os.path.join(base, name + ".py"))
-
-
-for _finder in list(sys.meta_path):
-    if _finder not in _STANDARD and _resolves(_finder, "longvq"):
-        sys.meta_path.remove(_finder)
-sys.path[:] = [p for p in sys.path if not (_holds(p, "longvq") and not _holds(p, "transformers"))]
-sys.path_importer_cache.clear()
-importlib.invalidate_caches()
-hidden_by = "meta-path finder removed"
-if importlib.util.find_spec("longvq") is not None:
-    sys.modules["longvq"] = None
-    hidden_by = "sys.modules sentinel"
-assert importlib.util.find_spec("longvq") is None
-try:
-    import longvq  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise AssertionError("longvq is still importable")
-# ----------------------------------------------------------------------------------------------------------------------
-
 import torch
 from transformers import (
     AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline,
@@ -134,7 +88,8 @@ print("\nLONGVQ_RESULT " + json.dumps(out), flush=True)
 
 
 def _train_tiny_lm() -> LongVQForCausalLM:
-    """A tiny byte-level causal LM (vocab 257: bytes + <pad>) after two optimizer steps on the embedded corpus."""
+    """A tiny byte-level causal LM (vocab 257: bytes + <pad>; the export widens it to the tokenizer's 258) after two
+    optimizer steps on the embedded corpus."""
     torch.manual_seed(0)
     model = LongVQForCausalLM(tiny_config(vocab_size=BYTE_PAD_ID + 1, pad_token_id=BYTE_PAD_ID, eos_token_id=None))
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -175,32 +130,8 @@ def remote(tmp_path_factory):
     staging = export_checkpoint(model, root / "export", tokenizer=tokenizer, card=card)
     snapshot = install_in_hub_cache(staging, REPO_ID, root / "hub")
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_", "PYTHON"))}
-    env.pop("TRANSFORMERS_CACHE", None)
-    env.update(
-        HF_HOME=str(root),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_MODULES_CACHE=str(root / "modules"),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    script = root / "child.py"
-    script.write_text(CHILD, encoding="utf-8")
-    arguments = json.dumps([REPO_ID, PROMPTS, NEW_TOKENS, PIPELINE_TOKENS, str(root / "resaved")])
-    process = subprocess.run(
-        [sys.executable, str(script), arguments],
-        cwd=root,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    lines = [line for line in process.stdout.splitlines() if line.startswith("LONGVQ_RESULT ")]
-    assert process.returncode == 0 and lines, f"child failed:\n{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
-    child = json.loads(lines[-1][len("LONGVQ_RESULT ") :])
+    arguments = [REPO_ID, PROMPTS, NEW_TOKENS, PIPELINE_TOKENS, str(root / "resaved")]
+    child = run_without_longvq(CHILD, arguments, root)
 
     batch, generated = _generate(model, tokenizer)
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
@@ -317,47 +248,6 @@ def test_resaving_a_remote_loaded_model_keeps_the_full_auto_map(remote):
 # ---- in-process checks of export_checkpoint -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_class", [LongVQModel, LongVQForCausalLM, LongVQForSequenceClassification])
-def test_export_leaves_classes_and_config_untouched(tmp_path, model_class):
-    model = model_class(tiny_config(num_labels=2))
-    assert "auto_map" not in model.config.to_dict()
-    folder = export_checkpoint(model, tmp_path / "ckpt")
-    config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == AUTO_MAP
-    assert config["architectures"] == [model_class.__name__]
-    assert (folder / "generation_config.json").is_file() == (model_class is LongVQForCausalLM)
-    for name in REMOTE_CODE_FILES:
-        assert (folder / name).is_file()
-    # register_for_auto_class was undone: the local classes are not flagged as remote code, auto_map not left behind.
-    for cls in (LongVQConfig, LongVQModel, LongVQForCausalLM, LongVQForSequenceClassification):
-        assert "_auto_class" not in cls.__dict__ and cls._auto_class is None
-    assert not model.is_remote_code()
-    assert "auto_map" not in model.config.to_dict()
-    # A plain save afterwards is an ordinary local checkpoint again.
-    model.save_pretrained(tmp_path / "plain")
-    assert not (tmp_path / "plain" / "modeling_longvq.py").exists()
-    assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
-
-
-def test_export_registers_only_while_saving_and_restores_on_error(tmp_path):
-    model = LongVQForCausalLM(tiny_config())
-    seen = {}
-
-    def failing_save(*args, **kwargs):
-        seen["model"] = LongVQForCausalLM.__dict__.get("_auto_class")
-        seen["config"] = LongVQConfig.__dict__.get("_auto_class")
-        seen["base"] = LongVQModel.__dict__.get("_auto_class")
-        seen["auto_map"] = dict(model.config.auto_map)
-        raise RuntimeError("disk full")
-
-    model.save_pretrained = failing_save
-    with pytest.raises(RuntimeError, match="disk full"):
-        export_checkpoint(model, tmp_path)
-    assert seen == {"model": "AutoModelForCausalLM", "config": "AutoConfig", "base": None, "auto_map": AUTO_MAP}
-    assert "_auto_class" not in LongVQForCausalLM.__dict__ and "_auto_class" not in LongVQConfig.__dict__
-    assert "auto_map" not in model.config.to_dict()
-
-
 def test_export_rejects_subclasses(tmp_path):
     class MyLongVQ(LongVQForCausalLM):
         pass
@@ -366,13 +256,38 @@ def test_export_rejects_subclasses(tmp_path):
         export_checkpoint(MyLongVQ(tiny_config()), tmp_path)
 
 
-def test_export_warns_when_the_tokenizer_is_larger_than_the_vocabulary(tmp_path):
-    model = LongVQForCausalLM(tiny_config(vocab_size=256))
-    with pytest.warns(UserWarning, match="vocab_size"):
-        export_checkpoint(model, tmp_path, tokenizer=byte_tokenizer())
+def test_export_widens_a_model_smaller_than_the_tokenizer(tmp_path):
+    torch.manual_seed(1)
+    model = LongVQForCausalLM(tiny_config(vocab_size=256)).eval()
+    byte_rows = model.get_input_embeddings().weight.detach().clone()
+    tokenizer = byte_tokenizer()
+    prompt = tokenizer("The lighthouse keeper", return_tensors="pt")
+    with torch.no_grad():
+        before = model.generate(**prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+
+    folder = export_checkpoint(model, tmp_path / "widened", tokenizer=tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert config["vocab_size"] == model.config.vocab_size == len(tokenizer) == 258  # widened in place, then saved
+    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (256, 257, 257)
+    assert generation["suppress_tokens"] == [256, 257] and generation["pad_token_id"] == 256
+    assert torch.equal(model.get_input_embeddings().weight[:256], byte_rows)
+
+    # The byte rows are untouched and the new rows are never generated; padded batches are in range.
+    exported = LongVQForCausalLM.from_pretrained(folder).eval()
+    batch = tokenizer(["a", "abc"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(exported.generate(**prompt, max_new_tokens=10, do_sample=False), before)
+        exported.generate(**batch, max_new_tokens=3, do_sample=False)
+
+    # A model that already covers the tokenizer is saved as it is.
+    fitting = LongVQForCausalLM(tiny_config(vocab_size=len(tokenizer)))
+    folder = export_checkpoint(fitting, tmp_path / "fitting", tokenizer=tokenizer)
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == 258
+    assert not json.loads((folder / "generation_config.json").read_text()).get("suppress_tokens")
 
 
-def test_export_cli_widens_a_256_byte_model_for_padding(tmp_path):
+def test_export_cli_widens_a_256_byte_model_for_the_tokenizer(tmp_path):
     from longvq.hub import main
 
     torch.manual_seed(1)
@@ -384,13 +299,14 @@ def test_export_cli_widens_a_256_byte_model_for_padding(tmp_path):
 
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] == 257 and config["pad_token_id"] == 256 and config["auto_map"] == AUTO_MAP
+    assert config["vocab_size"] == 258 and config["pad_token_id"] == 256 and config["auto_map"] == AUTO_MAP
+    assert config["bos_token_id"] == config["eos_token_id"] == 257
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["suppress_tokens"] == [256] and generation["pad_token_id"] == 256
+    assert generation["suppress_tokens"] == [256, 257] and generation["pad_token_id"] == 256
     card = (out / "README.md").read_text()
-    assert '"me/byte-lm", trust_remote_code=True' in card and "7.5" in card
+    assert '"me/byte-lm", trust_remote_code=True' in card and "7.5" in card and "<|endoftext|>" in card
 
-    # The byte rows are untouched and <pad> is never generated: greedy output is the original model's.
+    # The byte rows are untouched and the new rows are never generated: greedy output is the original model's.
     exported = LongVQForCausalLM.from_pretrained(out).eval()
     tokenizer = byte_tokenizer()
     prompt = tokenizer("The lighthouse keeper", return_tensors="pt")
@@ -401,3 +317,7 @@ def test_export_cli_widens_a_256_byte_model_for_padding(tmp_path):
     batch = tokenizer(["a", "abc"], padding=True, return_tensors="pt")
     with torch.no_grad():
         exported.generate(**batch, max_new_tokens=3, do_sample=False)  # padded ids are in range now
+
+    main([str(tmp_path / "ckpt"), str(tmp_path / "bare"), "--no-special-tokens", "--no-card"])
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["vocab_size"] == 256
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "bare")) == 256

@@ -228,9 +228,8 @@ def test_partial_checkpoint_initialises_missing_tensors_and_keeps_loaded_ones(ti
     }  # fmt: skip
     assert dropped <= set(saved)
     save_file({k: v for k, v in saved.items() if k not in dropped}, path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="missing"):  # LongVQ refuses an incomplete checkpoint by default
-        LongVQForCausalLM.from_pretrained(tmp_path)
-    loaded = LongVQForCausalLM.from_pretrained(tmp_path, strict=False)
+    loaded, info = LongVQForCausalLM.from_pretrained(tmp_path, output_loading_info=True)  # transformers: initialise
+    assert info["missing_keys"] == dropped
     state = loaded.state_dict()
     for name, tensor in state.items():
         assert torch.isfinite(tensor).all(), name
