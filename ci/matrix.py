@@ -31,7 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 VERSIONS_FILE = REPO / "ci" / "transformers-versions.txt"
 TORCH = "torch==2.13.0"  # the README's pin: the CPU wheel
-SUBSET = ["tests/test_generation.py", "tests/test_hub.py", "tests/test_inputs.py", "tests/test_save_load.py"]
+SUBSET = [
+    "tests/test_generation.py", "tests/test_hub.py", "tests/test_sharing.py", "tests/test_inputs.py",
+    "tests/test_save_load.py", "tests/test_safe_loading.py",
+]  # fmt: skip
 SESSIONS = ("oldest", "remote-code", "wheel", "canary")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

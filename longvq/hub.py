@@ -11,11 +11,10 @@
   is smaller than the tokenizer's is widened first (`fit_to_tokenizer`), so every id the tokenizer produces is valid;
 * `README.md` (the model card) when a card is given.
 
-The files are produced by transformers' own mechanism: the config class and the saved model's concrete head class are
-registered with `register_for_auto_class` *for the duration of the save only* (the class attributes are restored
-afterwards, so the local classes do not stay flagged as remote code), `config.auto_map` is pre-filled with the other
-heads (transformers merges its own entries into it), and `save_pretrained` copies the defining module files. The
-result is checked: missing code files or a code file importing the `longvq` package by absolute name raise an error.
+Weights, config (with its `auto_map`) and remote-code files come from the model's own `save_pretrained`: every LongVQ
+class is registered for its Auto class, so any save copies the defining module files (see `LongVQPreTrainedModel`).
+`export_checkpoint` adds the tokenizer and the card, and checks the result: missing code files or a code file
+importing the `longvq` package by absolute name raise an error.
 
 `install_in_hub_cache(folder, repo_id, cache_dir)` lays an exported folder out as a Hub-cache snapshot, which is how
 the tests load a checkpoint by repo id (`"org/name"`) with `HF_HUB_OFFLINE=1`.
@@ -28,10 +27,11 @@ import json
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import ModelCard
+
+from .configuration_longvq import AUTO_MAP
 
 __all__ = [
     "AUTO_MAP",
@@ -39,52 +39,12 @@ __all__ = [
     "export_checkpoint",
     "fit_to_tokenizer",
     "install_in_hub_cache",
-    "remote_code_auto_map",
 ]
 
 CONFIG_MODULE = "configuration_longvq"
 MODELING_MODULE = "modeling_longvq"
 REMOTE_CODE_FILES = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py")
-
-# auto class -> (module file, class name) of the remote code.
-_AUTO_CLASSES = {
-    "AutoConfig": (CONFIG_MODULE, "LongVQConfig"),
-    "AutoModel": (MODELING_MODULE, "LongVQModel"),
-    "AutoModelForCausalLM": (MODELING_MODULE, "LongVQForCausalLM"),
-    "AutoModelForSequenceClassification": (MODELING_MODULE, "LongVQForSequenceClassification"),
-}
-AUTO_MAP = {auto: f"{module}.{name}" for auto, (module, name) in _AUTO_CLASSES.items()}
-# concrete model class name -> the auto class it is registered for while saving.
-_HEAD_AUTO_CLASS = {name: auto for auto, (module, name) in _AUTO_CLASSES.items() if module == MODELING_MODULE}
-
-_MISSING = object()
-
-
-def remote_code_auto_map() -> dict[str, str]:
-    """The `config.json` `auto_map` of an exported checkpoint (a fresh copy)."""
-    return dict(AUTO_MAP)
-
-
-@contextmanager
-def _registered_for_auto_classes(pairs):
-    """Call `cls.register_for_auto_class(auto)` for each `(cls, auto)` pair; restore each class's own `_auto_class`.
-
-    `register_for_auto_class` sets the class attribute `_auto_class`, which also makes `is_remote_code()` true for the
-    class (and, if it were set on a base class, for every subclass). Only concrete classes are registered, and the
-    attribute is put back exactly as it was (removed when the class did not define it), even on error.
-    """
-    saved = [(cls, cls.__dict__.get("_auto_class", _MISSING)) for cls, _ in pairs]
-    try:
-        for cls, auto_class in pairs:
-            cls.register_for_auto_class(auto_class)
-        yield
-    finally:
-        for cls, previous in reversed(saved):
-            if previous is _MISSING:
-                if "_auto_class" in cls.__dict__:
-                    delattr(cls, "_auto_class")
-            else:
-                cls._auto_class = previous
+_HEADS = {name.rsplit(".", 1)[1] for auto, name in AUTO_MAP.items() if auto != "AutoConfig"}
 
 
 def _absolute_imports(path: Path) -> set[str]:
@@ -143,15 +103,13 @@ def export_checkpoint(
             markdown text, written as `README.md`.
         max_shard_size: passed to `save_pretrained`.
 
-    Apart from that fitting, the model and its config are left as they were: `config.auto_map` and the classes'
-    `_auto_class` are restored.
+    Apart from that fitting, the model is left as it was.
     Push the folder with `huggingface_hub.upload_folder(repo_id=..., folder_path=save_directory)`.
     """
-    model_class, config = type(model), model.config
-    config_class = type(config)
-    if model_class.__name__ not in _HEAD_AUTO_CLASS:
+    model_class, config_class = type(model), type(model.config)
+    if model_class.__name__ not in _HEADS:
         raise TypeError(
-            f"export_checkpoint expects one of {sorted(_HEAD_AUTO_CLASS)}, got {model_class.__name__} "
+            f"export_checkpoint expects one of {sorted(_HEADS)}, got {model_class.__name__} "
             "(subclasses and the abstract LongVQPreTrainedModel cannot be exported as LongVQ remote code)"
         )
     for cls, module in ((model_class, MODELING_MODULE), (config_class, CONFIG_MODULE)):
@@ -167,18 +125,7 @@ def export_checkpoint(
     if tokenizer is not None:
         fit_to_tokenizer(model, tokenizer)
 
-    previous_auto_map = config.__dict__.get("auto_map", _MISSING)
-    config.auto_map = remote_code_auto_map()
-    try:
-        pairs = [(config_class, "AutoConfig"), (model_class, _HEAD_AUTO_CLASS[model_class.__name__])]
-        with _registered_for_auto_classes(pairs):
-            model.save_pretrained(save_directory, max_shard_size=max_shard_size)
-    finally:
-        if previous_auto_map is _MISSING:
-            config.__dict__.pop("auto_map", None)
-        else:
-            config.auto_map = previous_auto_map
-
+    model.save_pretrained(save_directory, max_shard_size=max_shard_size)
     _check_export(save_directory, expect_generation_config=model.can_generate())
 
     if tokenizer is not None:
@@ -270,6 +217,8 @@ def main(argv=None) -> None:
         "embedding rows for them, never generated",
     )
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        raise FileNotFoundError(f"checkpoint folder {args.checkpoint!r} does not exist")
 
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     vocab_size = model.config.vocab_size
