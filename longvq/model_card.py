@@ -201,13 +201,14 @@ def demo_recipe(metrics: Mapping) -> dict:
     """Training-recipe dict from a `longvq-demo` `metrics.json` (its command-line arguments and step count)."""
     args = dict(metrics.get("args", {}))
     recipe = {
-        "data": "longvq/data/tiny_corpus.txt as UTF-8 bytes (first 90% train, last 10% validation)",
+        "data": "longvq/data/tiny_corpus.txt as UTF-8 bytes, its chapters separated by <|endoftext|> (first 90% "
+        "train, last 10% validation)",
         "objective": "next-byte cross-entropy + vq_commitment_weight x commitment loss; EMA k-means codebooks",
         "optimizer": "AdamW, linear warmup then cosine decay to 10% of the peak",
     }
-    for key in ("lr", "batch_size", "seq_len", "seconds", "seed"):
+    for key in ("lr", "batch_size", "seq_len", "seed"):
         if key in args:
-            recipe[{"lr": "peak learning rate", "seconds": "time budget (s)"}.get(key, key)] = args[key]
+            recipe["peak learning rate" if key == "lr" else key] = args[key]
     if "steps" in metrics:
         recipe["steps"] = metrics["steps"]
     return recipe

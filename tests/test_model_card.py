@@ -120,14 +120,15 @@ def test_results_formats_and_validation():
 
 def test_demo_metrics_helpers():
     metrics = {
-        "args": {"lr": 0.003, "batch_size": 16, "seq_len": 256, "seconds": 60.0, "seed": 0},
+        "args": {"lr": 0.006, "batch_size": 8, "seq_len": 256, "steps": 250, "seed": 0},
         "steps": 248,
         "history": [{"step": 0, "bpb": 9.1}, {"step": 248, "bpb": 2.893024, "train_bpb": 2.3}],
     }
     results = demo_results(metrics)
     assert results["metrics"][0] == {"type": "bits_per_byte", "value": 2.893, "name": "validation bits per byte"}
     recipe = demo_recipe(metrics)
-    assert recipe["steps"] == 248 and recipe["peak learning rate"] == 0.003 and recipe["seq_len"] == 256
+    assert recipe["steps"] == 248 and recipe["peak learning rate"] == 0.006 and recipe["seq_len"] == 256
+    assert "<|endoftext|>" in recipe["data"]
     card = build_model_card("demo", results, recipe)
     assert card.data.eval_results[0].metric_value == 2.893
 

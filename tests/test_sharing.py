@@ -2,8 +2,8 @@
 given to the Trainer) all carry the remote-code files and an `auto_map` for every head, so they load both with the
 package installed and, in a process that cannot import `longvq`, with `trust_remote_code=True`.
 
-`push_to_hub` is exercised offline: transformers' shared `HfApi` is replaced by `RecordingHub`, which keeps the files
-that would have been uploaded; each recorded repository is then laid out as a Hub-cache snapshot and loaded by repo id.
+`push_to_hub` is exercised offline: transformers' Hub calls are routed to `RecordingHub`, which keeps the files that
+would have been uploaded; each recorded repository is then laid out as a Hub-cache snapshot and loaded by repo id.
 """
 
 import json
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers.trainer
 import transformers.utils.hub as transformers_hub
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
@@ -67,6 +68,18 @@ class RecordingHub:
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}")
 
 
+def _routed_to(recording, patch):
+    """Send transformers' Hub calls to `recording`: through its shared `HfApi` (`hf_api()`, in recent versions), or
+    through the `huggingface_hub` functions its modules imported by name (earlier 5.x versions)."""
+    if hasattr(transformers_hub, "hf_api"):
+        patch.setattr(transformers_hub, "_hf_api", recording)
+        return
+    imported = {transformers_hub: ("create_repo", "create_commit"), transformers.trainer: ("create_repo", "upload_folder")}
+    for module, names in imported.items():
+        for name in names:
+            patch.setattr(module, name, getattr(recording, name))
+
+
 @pytest.mark.parametrize("model_class", [LongVQModel, LongVQForCausalLM, LongVQForSequenceClassification])
 def test_every_head_saves_its_remote_code_and_the_full_auto_map(tmp_path, model_class):
     model = model_class(tiny_config(num_labels=2))
@@ -102,15 +115,13 @@ def shared(tmp_path_factory):
     model.save_pretrained(saved)
     tokenizer.save_pretrained(saved)
     uploads = RecordingHub(root / "uploads")
-    previous, transformers_hub._hf_api = transformers_hub._hf_api, uploads
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        _routed_to(uploads, patch)
         model.push_to_hub("org/pushed")
         arguments = TrainingArguments(
             output_dir=str(root / "run"), push_to_hub=True, hub_model_id="org/trained", report_to=[], use_cpu=True
         )
         Trainer(model=model, args=arguments, processing_class=tokenizer).push_to_hub()
-    finally:
-        transformers_hub._hf_api = previous
     folders = {"org/saved": saved, "org/pushed": uploads.folder("org/pushed"), "org/trained": uploads.folder("org/trained")}
     for repo_id, folder in folders.items():
         install_in_hub_cache(folder, repo_id, root / "hub")
