@@ -6,11 +6,13 @@ HERE = Path(__file__).parent
 
 
 def transformers_requirement() -> str:
-    """`transformers>=<oldest>,<<next major>` from ci/transformers-versions.txt, the versions CI tests (oldest first)."""
+    """`transformers>=<oldest>[,!=<excluded>...],<<next major>` from ci/transformers-versions.txt, the versions CI tests
+    (oldest first) and the releases it excludes (`!= X` lines)."""
     lines = (HERE / "ci" / "transformers-versions.txt").read_text(encoding="utf-8").splitlines()
-    versions = [line.split("#")[0].strip() for line in lines]
-    oldest = next(version for version in versions if version)
-    return f"transformers>={oldest},<{int(oldest.split('.')[0]) + 1}"
+    entries = [entry for entry in (line.split("#")[0].strip() for line in lines) if entry]
+    oldest = next(entry for entry in entries if not entry.startswith("!="))
+    excluded = [f"!={entry[2:].strip()}" for entry in entries if entry.startswith("!=")]
+    return "transformers" + ",".join([f">={oldest}", *excluded, f"<{int(oldest.split('.')[0]) + 1}"])
 
 
 setup(

@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCau
 
 from .configuration_longvq import LongVQConfig
 from .modeling_longvq import CACHE_NAME, LongVQForCausalLM
+from .training import enable_activation_checkpointing
 
 DEFAULT_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -139,7 +140,7 @@ def measure_train_point(
     base, _, checkpointing = name.partition("+")
     model = build_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
     baseline = _resident_bytes()
 

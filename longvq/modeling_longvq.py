@@ -1434,6 +1434,13 @@ class LongVQPreTrainedModel(PreTrainedModel):
             bias[d + z : d + z + h] = 1.0
             init.copy_(module.mix_proj.bias, bias)
 
+    @property
+    def uses_activation_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on (`is_activation_checkpointing` since transformers 5.23, when it was
+        renamed from `is_gradient_checkpointing`)."""
+        on = getattr(self, "is_activation_checkpointing", None)
+        return self.is_gradient_checkpointing if on is None else on
+
     def freeze_codebooks(self, frozen: bool = True):
         """Stop (or, with `frozen=False`, resume) the EMA codebook updates of training-mode forwards, e.g. for LoRA
         fine-tuning, where an adapter file cannot carry a codebook that moved. Not saved with the model."""
@@ -1730,7 +1737,7 @@ class LongVQModel(LongVQPreTrainedModel):
         inputs, and recomputes one piece of one layer at a time, so its memory stops growing with the length.
         Returns what `_run_layers` returns, over the whole input."""
         carries = [LongVQSegmentCarry() for _ in self.layers]
-        checkpointing = self.training and self.is_activation_checkpointing
+        checkpointing = self.training and self.uses_activation_checkpointing
         outputs, hidden_per_piece = [], []
         statistics = [([], [], [], []) for _ in self.layers]  # per layer, per piece
         for start in range(0, mask.shape[1], segment):
@@ -1784,7 +1791,7 @@ class LongVQModel(LongVQPreTrainedModel):
             if cache is not None:
                 raise ValueError(f"A bidirectional LongVQ model has no decoding state: do not pass `{CACHE_NAME}`.")
             return None  # the default use_cache=True simply does not apply to encoders
-        if self.training and self.is_activation_checkpointing:
+        if self.training and self.uses_activation_checkpointing:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not returning a cache.")
             return None
         if cache is None:

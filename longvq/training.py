@@ -16,7 +16,7 @@ Not part of the Hub remote code (that is `configuration_longvq.py` and `modeling
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from importlib import resources
 from typing import Any
@@ -328,6 +328,23 @@ DEFAULT_BYTE_LM_CONFIG = dict(
 )  # fmt: skip
 
 
+def checkpointing_arguments(enabled: bool) -> dict[str, bool]:
+    """The `TrainingArguments` entry that turns activation checkpointing on or off: `activation_checkpointing` since
+    transformers 5.23, `gradient_checkpointing` before."""
+    from transformers import TrainingArguments
+
+    names = {argument.name for argument in fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def enable_activation_checkpointing(model, **checkpoint_kwargs):
+    """`model.activation_checkpointing_enable(...)` (transformers >= 5.23; `gradient_checkpointing_enable` before),
+    with `checkpoint_kwargs` passed to `torch.utils.checkpoint` (e.g. `use_reentrant=False`)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        return model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)
+
+
 def trainer_defaults() -> dict[str, Any]:
     """`TrainingArguments` shared by every recipe here: no experiment trackers, the CPU when there is no GPU, data
     loaded in the main process, and no DDP buffer broadcast: the model keeps its codebook buffers identical on every
@@ -441,7 +458,7 @@ def train_causal_lm(
         weight_decay=weight_decay,
         max_grad_norm=max_grad_norm,
         optim=optim,
-        activation_checkpointing=activation_checkpointing,
+        **checkpointing_arguments(activation_checkpointing),
         logging_steps=logging_steps,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,

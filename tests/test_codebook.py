@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from longvq import LongVQForCausalLM
+from longvq.training import enable_activation_checkpointing
 from helpers import tiny_config
 
 
@@ -47,7 +48,7 @@ def test_gradient_checkpointing_updates_once_and_keeps_gradients(use_reentrant):
     torch.manual_seed(1)
     plain = LongVQForCausalLM(tiny_config()).train()
     checkpointed = copy.deepcopy(plain)
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(checkpointed, use_reentrant=use_reentrant)
     assert checkpointed.model.layers[0].gradient_checkpointing
     for step in range(3):
         ids = torch.randint(0, 50, (2, 13))

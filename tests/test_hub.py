@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, pipeline
 
-from longvq import LongVQConfig, LongVQForCausalLM, LongVQForSequenceClassification, LongVQModel
+from longvq import LongVQForCausalLM
 from longvq.hub import AUTO_MAP, REMOTE_CODE_FILES, export_checkpoint, install_in_hub_cache
 from longvq.model_card import build_model_card
 from longvq.tokenization import BYTE_PAD_ID, byte_tokenizer

@@ -6,6 +6,7 @@ session of ci/matrix.py (`.ci/run`); these tests read setup.py's declarations wi
 """
 
 import fnmatch
+import importlib.util
 import runpy
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_every_source_file_ships_in_the_wheel(setup_arguments):
 
 def test_every_requirement_stops_below_a_next_major(setup_arguments):
     for text in [*setup_arguments["install_requires"], *setup_arguments["extras_require"]["test"]]:
-        specifiers = {spec.operator: Version(spec.version) for spec in Requirement(text).specifier}
+        specifiers = {spec.operator: Version(spec.version) for spec in Requirement(text).specifier if spec.operator != "!="}
         assert set(specifiers) == {">=", "<"}, f"{text}: needs a lower bound and an upper bound"
         low, high = specifiers[">="], specifiers["<"]
         # A major release: N (N >= 1), or for a 0.x package 0.y, whose minor releases may break the API.
@@ -59,10 +60,16 @@ def test_every_requirement_stops_below_a_next_major(setup_arguments):
 
 
 def test_transformers_range_is_the_tested_one(setup_arguments):
-    lines = (REPO / "ci" / "transformers-versions.txt").read_text(encoding="utf-8").splitlines()
-    tested = [Version(v) for v in (line.split("#")[0].strip() for line in lines) if v]
-    assert tested == sorted(set(tested))
+    spec = importlib.util.spec_from_file_location("ci_matrix", REPO / "ci" / "matrix.py")
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    tested = [Version(v) for v in matrix.tested_versions()]
+    excluded = {Version(v) for v in matrix.excluded_versions()}
+    assert tested == sorted(set(tested)) and not excluded & set(tested)
     (requirement,) = [Requirement(r) for r in setup_arguments["install_requires"] if r.startswith("transformers")]
-    bounds = {spec.operator: Version(spec.version) for spec in requirement.specifier}
+    specifiers = [(spec.operator, Version(spec.version)) for spec in requirement.specifier]
+    assert {version for operator, version in specifiers if operator == "!="} == excluded
+    bounds = {operator: version for operator, version in specifiers if operator != "!="}
     assert bounds == {">=": tested[0], "<": Version(str(tested[0].major + 1))}
     assert tested[-1].major == tested[0].major
+    assert all(tested[0] < version < tested[-1] for version in excluded)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from longvq import LongVQForCausalLM, LongVQForSequenceClassification, LongVQModel
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from longvq import LongVQForCausalLM
+from longvq.training import enable_activation_checkpointing
 from helpers import tiny_config
 
 LENGTH = 45  # pieces of 8 (C = 4): 5 whole pieces and a ragged one
@@ -24,7 +25,7 @@ def _padded_batch(seed=0):
 def _run(model, ids, mask, checkpointing):
     model = copy.deepcopy(model).train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     torch.manual_seed(1)
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, 7] = -100  # predicted from a padded position, whose output is meaningless

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from datasets import Dataset
+from packaging.version import Version
 from safetensors.torch import load_file
 from transformers import EvalPrediction, set_seed
 
@@ -126,8 +128,10 @@ def test_pretraining_reduces_loss_and_reports_perplexity_and_bpb(tmp_path, tiny_
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_cross_entropy"]), rel=1e-9)
     assert metrics["eval_bpb"] == pytest.approx(metrics["eval_cross_entropy"] / math.log(2), rel=1e-9)
     # eval_loss adds vq_commitment_weight (1e-4) x commitment loss to the cross-entropy; perplexity = exp(eval_loss)
-    # up to that term.
-    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=2e-3)
+    # up to that term. (Before 5.10, transformers' Trainer counted each row's first label, which no position predicts,
+    # in `num_items_in_batch`, so its eval_loss of every causal LM was the cross-entropy x (T - 1) / T.)
+    if Version(transformers.__version__) >= Version("5.10"):
+        assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=2e-3)
     assert metrics["eval_bpb"] < 8.0  # better than uniform over bytes
 
     # The metrics agree with a plain evaluation of the trained model on the validation windows.
@@ -175,7 +179,7 @@ def _one_sgd_step(tmp_path, tiny_config, batch_size, accumulation, accepts_loss_
         str(tmp_path / f"ga{batch_size}x{accumulation}{accepts_loss_kwargs}"), model=model,
         datasets={"train": data, "validation": data}, max_steps=1, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
-        weight_decay=0.0, max_grad_norm=0.0, train_sampling_strategy="sequential", **_quiet(),
+        weight_decay=0.0, max_grad_norm=0.0, **_quiet(),  # the one step sees all 4 rows in any sampling order
     )  # fmt: skip
     # Plain SGD (no clipping, no weight decay): the update is -lr x gradient, so a wrongly scaled gradient shows up
     # in the parameters (Adam's first step would normalise the scale away).
@@ -216,7 +220,7 @@ def test_activation_checkpointing_gives_the_same_loss_curve(tmp_path, tiny_confi
         )  # fmt: skip
         runs[checkpointing] = (run.losses, codebook_summary(run.model), len(calls), run.model)
     plain, checkpointed = runs[False], runs[True]
-    assert checkpointed[3].is_activation_checkpointing and not plain[3].is_activation_checkpointing
+    assert checkpointed[3].uses_activation_checkpointing and not plain[3].uses_activation_checkpointing
     assert (plain[2], checkpointed[2]) == (8, 16)  # each block really ran twice per step under checkpointing
     assert np.allclose(plain[0], checkpointed[0], rtol=0, atol=1e-6), (plain[0], checkpointed[0])  # measured: equal
     assert checkpointed[1]["sha256"] == plain[1]["sha256"]  # one codebook update per step, not two

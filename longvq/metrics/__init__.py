@@ -24,6 +24,7 @@ scored position (or no code count) is NaN. Each module is the folder `longvq/met
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 
 import numpy as np
@@ -62,6 +63,27 @@ def scored_tokens(predictions, references, ignore_index: int = -100, dtype=np.fl
     return flat_predictions[scored], flat_references[scored]
 
 
+def token_features():
+    """The input features of the token-level modules: per sequence, float64 values and int64 target ids."""
+    import datasets
+
+    return datasets.Features(
+        {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Sequence(datasets.Value("int64"))}
+    )
+
+
+def code_count_features():
+    """The input features of the codebook modules: per codebook, float64 token counts per code."""
+    import datasets
+
+    return datasets.Features({"code_counts": datasets.Sequence(datasets.Value("float64"))})
+
+
+def per_codebook(name: str, values: list[float]) -> dict:
+    """A codebook module's result: the mean over codebooks under `name` (NaN with none) and the list per codebook."""
+    return {name: float(np.mean(values)) if values else math.nan, f"{name}_per_codebook": values}
+
+
 def code_count_rows(code_counts) -> list[np.ndarray]:
     """For the codebook modules: one float64 array per codebook of how many tokens each of its codes was assigned;
     a codebook needs at least one code, and counts must be finite and non-negative."""
@@ -74,4 +96,7 @@ def code_count_rows(code_counts) -> list[np.ndarray]:
     return rows
 
 
-__all__ = ["METRIC_NAMES", "code_count_rows", "load", "path", "scored_tokens"]
+__all__ = [
+    "METRIC_NAMES", "code_count_features", "code_count_rows", "load", "path", "per_codebook", "scored_tokens",
+    "token_features",
+]  # fmt: skip

@@ -3,10 +3,9 @@
 
 import math
 
-import datasets
 import evaluate
 
-from longvq.metrics import scored_tokens
+from longvq.metrics import scored_tokens, token_features
 
 _DESCRIPTION = """
 Bits per byte: the mean negative log-likelihood per scored token in bits (nats / ln 2), pooled over all
@@ -36,12 +35,7 @@ class BitsPerByte(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float64")),
-                    "references": datasets.Sequence(datasets.Value("int64")),
-                }
-            ),
+            features=token_features(),
         )
 
     def _compute(self, predictions, references, ignore_index=-100):

@@ -3,11 +3,10 @@
 
 import math
 
-import datasets
 import evaluate
 import numpy as np
 
-from longvq.metrics import code_count_rows
+from longvq.metrics import code_count_features, code_count_rows, per_codebook
 
 _DESCRIPTION = """
 Codebook perplexity of a vector quantizer: exp of the entropy (nats) of its code assignment frequencies, i.e. the
@@ -44,12 +43,9 @@ class CodebookPerplexity(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"code_counts": datasets.Sequence(datasets.Value("float64"))}),
+            features=code_count_features(),
         )
 
     def _compute(self, code_counts):
         perplexities = [_perplexity(counts) for counts in code_count_rows(code_counts)]
-        return {
-            "codebook_perplexity": float(np.mean(perplexities)) if perplexities else math.nan,
-            "codebook_perplexity_per_codebook": perplexities,
-        }
+        return per_codebook("codebook_perplexity", perplexities)

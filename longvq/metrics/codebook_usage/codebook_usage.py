@@ -1,13 +1,10 @@
 """Codebook usage, as a Hugging Face `evaluate` module shipped with LongVQ (load it with
 `longvq.metrics.load("codebook_usage")` or `evaluate.load(<this folder>)`; no network needed)."""
 
-import math
 
-import datasets
 import evaluate
-import numpy as np
 
-from longvq.metrics import code_count_rows
+from longvq.metrics import code_count_features, code_count_rows, per_codebook
 
 _DESCRIPTION = """
 Codebook usage of a vector quantizer: the fraction of its codes that were assigned at least one token. The input
@@ -35,12 +32,9 @@ class CodebookUsage(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"code_counts": datasets.Sequence(datasets.Value("float64"))}),
+            features=code_count_features(),
         )
 
     def _compute(self, code_counts):
         usages = [float((counts > 0).mean()) for counts in code_count_rows(code_counts)]
-        return {
-            "codebook_usage": float(np.mean(usages)) if usages else math.nan,
-            "codebook_usage_per_codebook": usages,
-        }
+        return per_codebook("codebook_usage", usages)

@@ -3,11 +3,10 @@ it with `longvq.metrics.load("perplexity")` or `evaluate.load(<this folder>)`; n
 
 import math
 
-import datasets
 import evaluate
 import numpy as np
 
-from longvq.metrics import scored_tokens
+from longvq.metrics import scored_tokens, token_features
 
 _DESCRIPTION = """
 Perplexity of a language model: exp of its mean negative log-likelihood (cross-entropy, in nats) per scored
@@ -39,12 +38,7 @@ class Perplexity(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float64")),
-                    "references": datasets.Sequence(datasets.Value("int64")),
-                }
-            ),
+            features=token_features(),
         )
 
     def _compute(self, predictions, references, ignore_index=-100):
