@@ -1114,8 +1114,8 @@ class LongVQGatedAttention(nn.Module):
         """hidden_states: (B, T, D); mask: (B, T) bool; codebook: (S, Z).
 
         With `cache` (a `LongVQCache`) this layer continues its decoding state and updates it: block-
-        parallel for several new tokens, where `lengths` (B,) are the block positions each row advances (up to its
-        last real token), or one step with the shared `plan` of a single-token step. With `carry` (a
+        parallel for several new tokens, where `lengths` (B,) are the block positions each row advances (its real
+        tokens, which the model has moved in front of the padding), or one step with the shared `plan` of a single-token step. With `carry` (a
         `LongVQSegmentCarry`) the input is one piece of a long causal input, continuing and updating the carry.
         Returns (B, T, D) and the layer statistics (None for a single-token step in eval mode, where they would only
         cost time).
