@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from longvq import LongVQForCausalLM, LongVQForSequenceClassification, LongVQModel
 
@@ -63,6 +64,62 @@ def test_a_file_without_digest_still_loads(checkpoint, tmp_path):
     plain = _copy(folder, tmp_path, "plain", weights=load_file(folder / "model.safetensors"))
     reloaded = LongVQForCausalLM.from_pretrained(plain)
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+# name -> (copy arguments, fragment of the ValueError message)
+CORRUPT_FILES = {
+    "truncated_in_data": ({"raw": lambda data: data[: len(data) // 2]}, "is truncated or corrupt"),
+    "truncated_in_header": ({"raw": lambda data: data[:100]}, "is truncated"),
+    "truncated_to_nothing": ({"raw": lambda data: b""}, "is truncated"),
+    "trailing_garbage": ({"raw": lambda data: data + b"\x00" * 16}, "is truncated or corrupt"),
+    "tampered_data_byte": ({"raw": _flip(-100)}, "does not match the sha256"),
+    "tampered_header_byte": ({"raw": _flip(20)}, "corrupt safetensors header"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_FILES))
+def test_corrupt_weights_file_raises_naming_the_file(checkpoint, tmp_path, case):
+    folder, _ = checkpoint
+    copy_arguments, fragment = CORRUPT_FILES[case]
+    target = _copy(folder, tmp_path, case, **copy_arguments)
+    with pytest.raises(ValueError, match=fragment) as excinfo:
+        LongVQForCausalLM.from_pretrained(target)
+    assert str(target / "model.safetensors") in str(excinfo.value)
+    with pytest.raises(ValueError, match=fragment):  # the Auto classes go through the same checks
+        AutoModelForCausalLM.from_pretrained(target)
+
+
+def test_tampered_shard_of_a_sharded_checkpoint_is_refused(tiny_config, tmp_path):
+    model = LongVQForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            assert "longvq_sha256" in f.metadata(), shard
+    LongVQForCausalLM.from_pretrained(tmp_path / "sharded")  # intact: loads
+    shards[-1].write_bytes(_flip(-8)(shards[-1].read_bytes()))
+    with pytest.raises(ValueError, match="does not match the sha256") as excinfo:
+        LongVQForCausalLM.from_pretrained(tmp_path / "sharded")
+    assert shards[-1].name in str(excinfo.value)
+
+
+def test_only_safetensors_are_read(checkpoint, tmp_path):
+    folder, model = checkpoint
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"only from safetensors.*pytorch_model\.bin will not be read"):
+        LongVQForCausalLM.from_pretrained(pickled)
+    with pytest.raises(ValueError, match="only from safetensors"):
+        LongVQForCausalLM.from_pretrained(pickled / "pytorch_model.bin", config=folder / "config.json")
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        LongVQForCausalLM.from_pretrained(folder, use_safetensors=False)
+    with pytest.raises(ValueError, match="gguf_file"):
+        LongVQForCausalLM.from_pretrained(folder, gguf_file="model.gguf")
+    with pytest.raises(ValueError, match="safe_serialization=False"):
+        model.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
 
 
 def test_config_whose_shapes_disagree_with_the_weights_raises_runtime_error(checkpoint, tmp_path):
