@@ -4,9 +4,11 @@
 
 * `config.json` whose `auto_map` names all four auto classes (`AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
   `AutoModelForSequenceClassification`), so any head can be loaded from the same repository;
-* the two remote-code files `configuration_longvq.py` and `modeling_longvq.py` (the package's own source files; they
+* the remote-code files (`REMOTE_CODE_FILES`: `modeling_longvq.py` and the package's sibling files it imports; they
   import only the standard library, torch, transformers and each other);
-* `model.safetensors` (sharded with an index above `max_shard_size`) and, for the causal LM, `generation_config.json`;
+* `model.safetensors` (sharded with an index above `max_shard_size`), sealed: each file's sha256 is recorded in its
+  metadata, so `verify_checkpoint(folder)` / `longvq-verify FOLDER` can tell later whether it is intact; and, for the
+  causal LM, `generation_config.json`;
 * the tokenizer files (`tokenizer.json`, `tokenizer_config.json`) when a tokenizer is given; a model whose vocabulary
   is smaller than the tokenizer's is widened first (`fit_to_tokenizer`), so every id the tokenizer produces is valid;
 * `README.md` (the model card) when a card is given.
@@ -31,6 +33,10 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from . import modeling_longvq
+from .checkpoint_longvq import seal_checkpoint, verify_checkpoint
 from .configuration_longvq import AUTO_MAP
 
 __all__ = [
@@ -39,11 +45,15 @@ __all__ = [
     "export_checkpoint",
     "fit_to_tokenizer",
     "install_in_hub_cache",
+    "verify_checkpoint",
 ]
 
 CONFIG_MODULE = "configuration_longvq"
 MODELING_MODULE = "modeling_longvq"
-REMOTE_CODE_FILES = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py")
+# The files `save_pretrained` copies next to the weights: the modeling file and what it imports relatively.
+REMOTE_CODE_FILES = tuple(
+    sorted(Path(path).name for path in (modeling_longvq.__file__, *get_relative_import_files(modeling_longvq.__file__)))
+)
 _HEADS = {name.rsplit(".", 1)[1] for auto, name in AUTO_MAP.items() if auto != "AutoConfig"}
 
 
@@ -127,6 +137,7 @@ def export_checkpoint(
 
     model.save_pretrained(save_directory, max_shard_size=max_shard_size)
     _check_export(save_directory, expect_generation_config=model.can_generate())
+    seal_checkpoint(save_directory)
 
     if tokenizer is not None:
         tokenizer.save_pretrained(save_directory)
@@ -263,3 +274,19 @@ def main(argv=None) -> None:
     folder = export_checkpoint(model, args.out, tokenizer=tokenizer, card=card)
     for path in sorted(folder.iterdir()):
         print(f"{path.stat().st_size:>10}  {path}")
+
+
+def verify_main(argv=None) -> dict[str, str]:
+    """`longvq-verify FOLDER`: check every weight file of a checkpoint against the sha256 `export_checkpoint` recorded
+    in it; prints one line per file and raises ValueError naming a file that changed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="longvq-verify", description="Check a LongVQ checkpoint's weight files against their recorded sha256."
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder (from export_checkpoint / longvq-export)")
+    args = parser.parse_args(argv)
+    report = verify_checkpoint(args.checkpoint)
+    for path, status in report.items():
+        print(f"{status:<9}  {path}")
+    return report

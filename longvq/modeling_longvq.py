@@ -10,11 +10,7 @@ N ema_projection_size, S codebook_size, C chunk_size.
 """
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import struct
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -33,6 +29,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import logging
 
+from .checkpoint_longvq import check_weight_files
 from .configuration_longvq import LongVQConfig
 
 logger = logging.get_logger(__name__)
@@ -1265,112 +1262,6 @@ class LongVQSequenceClassifierOutput(LongVQOutputFields, SequenceClassifierOutpu
 # Pretrained model base
 # ---------------------------------------------------------------------------------------------------------------------
 
-# safetensors metadata entry written by `save_pretrained`: sha256 of the tensor table and the data bytes. A file that
-# changed after saving (bit rot, a partial copy, an edit) is refused on load; files without it load unchecked. It is
-# an integrity check, not a signature: whoever can edit the file can also rewrite the digest.
-_DIGEST_KEY = "longvq_sha256"
-
-
-def _safetensors_header(path: str) -> tuple[dict, int]:
-    """The JSON header of safetensors file `path` and the offset where its data starts. Raises ValueError naming the
-    file when it is truncated or its header is malformed (safetensors itself would say neither which file nor why)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
-        if length is None or 8 + length > size:
-            raise ValueError(f"Weights file {path} is truncated ({size} bytes): it ends inside its header.")
-        try:
-            header = json.loads(f.read(length))
-            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-            raise ValueError(f"Weights file {path} has a corrupt safetensors header ({error}).") from error
-    if 8 + length + end != size:
-        raise ValueError(
-            f"Weights file {path} is truncated or corrupt: its header describes {8 + length + end} bytes, the file "
-            f"has {size}."
-        )
-    return header, 8 + length
-
-
-def _safetensors_digest(path: str, header: dict, data_start: int) -> str:
-    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "__metadata__"}, sort_keys=True).encode())
-    with open(path, "rb") as f:
-        f.seek(data_start)
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _seal_weights_file(path: str):
-    """Record the file's digest in its safetensors metadata (the tensor data are copied unchanged)."""
-    header, data_start = _safetensors_header(path)
-    metadata = {**header.get("__metadata__", {}), _DIGEST_KEY: _safetensors_digest(path, header, data_start)}
-    header = {"__metadata__": metadata, **{k: v for k, v in header.items() if k != "__metadata__"}}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # safetensors pads its header to 8 bytes
-    with open(path, "rb") as source, open(path + ".tmp", "wb") as target:
-        target.write(struct.pack("<Q", len(encoded)) + encoded)
-        source.seek(data_start)
-        target.writelines(iter(lambda: source.read(1 << 24), b""))
-    os.replace(path + ".tmp", path)
-
-
-def _verify_weights_file(path: str):
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"LongVQ loads weights only from safetensors files, got {path}.")
-    header, data_start = _safetensors_header(path)
-    expected = header.get("__metadata__", {}).get(_DIGEST_KEY)
-    if expected is not None and _safetensors_digest(path, header, data_start) != expected:
-        raise ValueError(
-            f"Weights file {path} does not match the sha256 recorded when it was saved: it was modified or damaged "
-            "after saving. Refusing to load it."
-        )
-
-
-def _weights_name(name: str, variant: str | None) -> str:
-    """`model.safetensors` -> `model.<variant>.safetensors`, as transformers names variants."""
-    if variant is None:
-        return name
-    stem, extension = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{extension}"
-
-
-def _checkpoint_weight_files(path, kwargs: dict) -> list[str] | None:
-    """Local paths of the safetensors files `from_pretrained(path, **kwargs)` will read (fetched into the Hub cache
-    like transformers does), [] if the checkpoint has none, None if it cannot be resolved (transformers reports that)."""
-    from transformers.utils import (
-        SAFE_WEIGHTS_INDEX_NAME,
-        SAFE_WEIGHTS_NAME,
-        cached_file,
-    )
-
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return [path]
-    hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-    hub_kwargs = {name: kwargs[name] for name in hub if kwargs.get(name) is not None}
-
-    def resolve(name):
-        return cached_file(
-            path, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_gated_repo=False,
-            **hub_kwargs,
-        )  # fmt: skip
-
-    try:
-        single = resolve(_weights_name(SAFE_WEIGHTS_NAME, kwargs.get("variant")))
-        if single is not None:
-            return [single]
-        index = resolve(_weights_name(SAFE_WEIGHTS_INDEX_NAME, kwargs.get("variant")))
-        if index is None:
-            return []
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [resolve(shard) for shard in shards]
-    except OSError:
-        return None
-
-
 class LongVQPreTrainedModel(PreTrainedModel):
     """Base class of the LongVQ models.
 
@@ -1456,70 +1347,21 @@ class LongVQPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        r"""`PreTrainedModel.from_pretrained`, restricted to safetensors weights:
-
-        - weights are read only from safetensors (`model.safetensors` or its sharded index): a pickle
-          (`pytorch_model.bin`) or GGUF file is never opened, and `use_safetensors=False` is refused;
-        - a truncated or corrupt weights file, or one whose contents changed since `save_pretrained` recorded its
-          sha256, raises ValueError naming the file.
-
-        Everything else is transformers' behaviour: tensors missing from the checkpoint are initialised and unexpected
-        ones ignored, with a warning; a tensor whose shape differs from the model's raises RuntimeError unless
-        `ignore_mismatched_sizes=True` re-initialises it.
-        """
-        if kwargs.get("use_safetensors") is False or kwargs.get("gguf_file") is not None:
-            raise ValueError(
-                "LongVQ loads weights only from safetensors files; `use_safetensors=False` and `gguf_file` are not "
-                "supported (pickled weights can execute code when loaded)."
-            )
-        kwargs["use_safetensors"] = True
-        files = None
+        r"""`PreTrainedModel.from_pretrained`, reading weights only from safetensors: a checkpoint with only pickled
+        (`pytorch_model.bin`) or GGUF weights, `use_safetensors=False` and `gguf_file` are refused, and a truncated
+        file or a corrupt header raises ValueError naming the file (`checkpoint_longvq.check_weight_files`).
+        Everything else is transformers' behaviour: missing tensors are initialised and unexpected ones ignored, with
+        a warning; a tensor whose shape differs from the model's raises RuntimeError unless
+        `ignore_mismatched_sizes=True` re-initialises it."""
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
-            files = _checkpoint_weight_files(pretrained_model_name_or_path, kwargs)
-            local = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-            if files == [] and os.path.isdir(local):
-                found = sorted(name for name in os.listdir(local) if name.endswith((".bin", ".pt", ".pth", ".gguf")))
-                raise OSError(
-                    f"No model.safetensors in {local}. LongVQ loads weights only from safetensors"
-                    + (f"; {', '.join(found)} will not be read (convert it only if you trust its source)." if found else ".")
-                )
-            for file in files or []:
-                _verify_weights_file(file)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":
-                raise
-            raise ValueError(
-                f"Could not read the safetensors weights of {pretrained_model_name_or_path} ({files}): {error}"
-            ) from error
+            check_weight_files(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **{**kwargs, "use_safetensors": True})
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained` (safetensors only), recording each weight file's sha256 in its metadata
-        so that `from_pretrained` refuses a file that changed afterwards. `push_to_hub=True` uploads the sealed files
-        through `push_to_hub`."""
+        """`PreTrainedModel.save_pretrained`, safetensors only (what `from_pretrained` reads)."""
         if kwargs.get("safe_serialization") is False:
             raise ValueError("LongVQ saves weights only as safetensors; `safe_serialization=False` is not supported.")
-        push_to_hub = kwargs.pop("push_to_hub", False)
-        hub_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "commit_message", "create_pr", "private") if name in kwargs}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        main_process = kwargs.get("is_main_process", args[0] if args else True)
-        if not main_process or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
-            return  # only the process that wrote the files seals them
-        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-        variant = kwargs.get("variant")
-        index = os.path.join(save_directory, _weights_name(SAFE_WEIGHTS_INDEX_NAME, variant))
-        names = [_weights_name(SAFE_WEIGHTS_NAME, variant)]
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        for name in names:
-            if os.path.isfile(os.path.join(save_directory, name)):
-                _seal_weights_file(os.path.join(save_directory, name))
-        if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
-            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):

@@ -1,6 +1,8 @@
-"""Safe loading: weights come only from safetensors; truncated or tampered files raise a clear error naming the file;
-checkpoints whose tensors disagree with their config behave as in transformers (RuntimeError on shape mismatches,
-missing tensors initialised and unexpected ones ignored, with the loading info reporting both)."""
+"""Safe loading: weights come only from safetensors; a truncated file or a corrupt header raises a clear error naming
+the file when loading; an exported checkpoint is sealed (sha256 per weight file) and `verify_checkpoint` names a file
+whose bytes changed (opt-in: loading never hashes); checkpoints whose tensors disagree with their config behave as in
+transformers (RuntimeError on shape mismatches, missing tensors initialised and unexpected ones ignored, with the
+loading info reporting both)."""
 
 import json
 import shutil
@@ -12,14 +14,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from longvq import LongVQForCausalLM, LongVQForSequenceClassification, LongVQModel
+from longvq.hub import export_checkpoint, verify_checkpoint
 
 
 @pytest.fixture
 def checkpoint(tiny_config, tmp_path):
-    """A saved causal LM (config.json + model.safetensors) and the model it came from."""
+    """An exported (sealed) causal LM (config.json + model.safetensors) and the model it came from."""
     model = LongVQForCausalLM(tiny_config(tie_word_embeddings=False))
-    folder = tmp_path / "saved"
-    model.save_pretrained(folder)
+    folder = export_checkpoint(model, tmp_path / "saved")
     return folder, model
 
 
@@ -48,11 +50,15 @@ def _flip(offset):
     return transform
 
 
-def test_saved_weights_carry_a_digest_and_reload_bitwise(checkpoint):
+def test_exported_weights_carry_a_digest_and_reload_bitwise(checkpoint, tmp_path):
     folder, model = checkpoint
     with safe_open(folder / "model.safetensors", "pt") as f:
         metadata = f.metadata()
     assert metadata["format"] == "pt" and len(metadata["longvq_sha256"]) == 64
+    assert verify_checkpoint(folder) == {str(folder / "model.safetensors"): "verified"}
+    model.save_pretrained(tmp_path / "plain")  # a plain save is not sealed: no hashing on the save path either
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        assert "longvq_sha256" not in f.metadata()
     reloaded = LongVQForCausalLM.from_pretrained(folder)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
@@ -64,6 +70,7 @@ def test_a_file_without_digest_still_loads(checkpoint, tmp_path):
     plain = _copy(folder, tmp_path, "plain", weights=load_file(folder / "model.safetensors"))
     reloaded = LongVQForCausalLM.from_pretrained(plain)
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    assert verify_checkpoint(plain) == {str(plain / "model.safetensors"): "no digest"}
 
 
 # name -> (copy arguments, fragment of the ValueError message)
@@ -72,7 +79,6 @@ CORRUPT_FILES = {
     "truncated_in_header": ({"raw": lambda data: data[:100]}, "is truncated"),
     "truncated_to_nothing": ({"raw": lambda data: b""}, "is truncated"),
     "trailing_garbage": ({"raw": lambda data: data + b"\x00" * 16}, "is truncated or corrupt"),
-    "tampered_data_byte": ({"raw": _flip(-100)}, "does not match the sha256"),
     "tampered_header_byte": ({"raw": _flip(20)}, "corrupt safetensors header"),
 }
 
@@ -87,20 +93,32 @@ def test_corrupt_weights_file_raises_naming_the_file(checkpoint, tmp_path, case)
     assert str(target / "model.safetensors") in str(excinfo.value)
     with pytest.raises(ValueError, match=fragment):  # the Auto classes go through the same checks
         AutoModelForCausalLM.from_pretrained(target)
+    with pytest.raises(ValueError, match=fragment):
+        verify_checkpoint(target)
+
+
+def test_a_tampered_data_byte_is_found_by_verification(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    target = _copy(folder, tmp_path, "tampered", raw=_flip(-100))
+    with pytest.raises(ValueError, match="does not match the sha256") as excinfo:
+        verify_checkpoint(target)
+    assert str(target / "model.safetensors") in str(excinfo.value)
+    LongVQForCausalLM.from_pretrained(target)  # loading reads headers only: verification is opt-in
 
 
 def test_tampered_shard_of_a_sharded_checkpoint_is_refused(tiny_config, tmp_path):
     model = LongVQForCausalLM(tiny_config())
-    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    export_checkpoint(model, tmp_path / "sharded", max_shard_size="20KB")
     shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
     assert len(shards) > 1
     for shard in shards:
         with safe_open(shard, "pt") as f:
             assert "longvq_sha256" in f.metadata(), shard
+    assert set(verify_checkpoint(tmp_path / "sharded").values()) == {"verified"}
     LongVQForCausalLM.from_pretrained(tmp_path / "sharded")  # intact: loads
     shards[-1].write_bytes(_flip(-8)(shards[-1].read_bytes()))
     with pytest.raises(ValueError, match="does not match the sha256") as excinfo:
-        LongVQForCausalLM.from_pretrained(tmp_path / "sharded")
+        verify_checkpoint(tmp_path / "sharded")
     assert shards[-1].name in str(excinfo.value)
 
 

@@ -19,11 +19,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from helpers import tiny_config
 from longvq import LongVQConfig, LongVQForCausalLM, LongVQForSequenceClassification, LongVQModel
 from longvq.configuration_longvq import AUTO_MAP
-from longvq.hub import install_in_hub_cache
+from longvq.hub import REMOTE_CODE_FILES, install_in_hub_cache
 from longvq.tokenization import byte_tokenizer
 from remote_code import run_without_longvq
 
-REMOTE_CODE = {"configuration_longvq.py", "modeling_longvq.py"}
+REMOTE_CODE = set(REMOTE_CODE_FILES)
 PROMPTS = ["The lighthouse keeper", "a"]
 NEW_TOKENS = 8
 
