@@ -60,25 +60,6 @@ def _autocast_off(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _derived(owner: nn.Module, name: str, compute, *sources: torch.Tensor):
-    """A constant derived from parameters/buffers `sources`, memoised on `owner` while they are unchanged (same
-    tensor, storage and in-place version counter) and no gradient must flow through it; recomputed otherwise.
-
-    Decoding runs the model once per token, and re-deriving EMA coefficients, codebooks and bias tables at every
-    step would be a large share of its cost. Keying on the version counter keeps the memo correct across optimizer
-    steps, EMA codebook updates and `load_state_dict`.
-    """
-    if torch.is_grad_enabled() and any(source.requires_grad for source in sources):
-        return compute()
-    # Inference tensors have no version counter; they cannot be updated in place outside inference mode anyway.
-    versions = ((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in sources)
-    key = (torch.is_inference_mode_enabled(), *versions)
-    memo = owner.__dict__.setdefault("_derived_memo", {})
-    if name not in memo or memo[name][0] != key:
-        memo[name] = (key, compute())
-    return memo[name][1]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,16 +154,12 @@ class LongVQMultiDimensionalEma(nn.Module):
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Input gain `p * beta` and decay `q = 1 - p * delta`, both (channels, N) float32."""
 
-        def compute():
-            p = torch.sigmoid(self.damping_logit.float())
-            return p * self.expansion.float(), 1.0 - p * torch.sigmoid(self.decay_logit.float())
-
-        return _derived(self, "coefficients", compute, self.damping_logit, self.decay_logit, self.expansion)
+        p = torch.sigmoid(self.damping_logit.float())
+        return p * self.expansion.float(), 1.0 - p * torch.sigmoid(self.decay_logit.float())
 
     def readout(self) -> torch.Tensor:
         """`eta / sqrt(N)` (channels, N) float32."""
-        compute = lambda: self.projection.float() / math.sqrt(self.projection.shape[-1])  # noqa: E731
-        return _derived(self, "readout", compute, self.projection)
+        return self.projection.float() / math.sqrt(self.projection.shape[-1])
 
     def kernel(self, length: int) -> torch.Tensor:
         """Convolution kernel (channels, length) float32."""
@@ -274,9 +251,9 @@ class LongVQMultiDimensionalEma(nn.Module):
     def forward(self, x, mask, state=None, lengths=None, plan=None) -> torch.Tensor:
         """`SiLU(EMA(x) + omega * x)` (B, T, D) for x (B, T, D) with mask (B, T) bool.
 
-        With a decoding `state` (`LongVQLayerState`) the new EMA state is stored in it: one recurrence step when a
-        single-token step `plan` is given, otherwise the convolution continuing `state.ema` (if the state has seen
-        tokens) and the state after each row's `lengths[b]` steps.
+        With a `state` (a `LongVQLayerState` or a segment carry) the new EMA state is stored in it: one recurrence
+        step when a single-token step `plan` is given, otherwise the convolution continuing `state.ema` (if the state
+        has seen tokens) and the state after each row's `lengths[b]` steps (after all T steps when `lengths` is None).
         """
         if plan is not None:
             with _autocast_off(x):
@@ -287,9 +264,12 @@ class LongVQMultiDimensionalEma(nn.Module):
         with _autocast_off(x):
             initial = None if state is None else state.ema  # None before the state's first tokens
             ema, final = self.convolve(x, initial)
-            if state is not None:  # rows that end early (padding) need the state at their own last step
-                whole = final is not None and bool((lengths == x.shape[1]).all())
-                state.ema = final if whole else self.final_state(x, lengths, initial)
+            if state is not None and lengths is None and final is not None:
+                state.ema = final
+            elif state is not None:  # rows that end early (padding) need the state at their own last step
+                if lengths is None:
+                    lengths = torch.full(x.shape[:1], x.shape[1], device=x.device)
+                state.ema = self.final_state(x, lengths, initial)
         return F.silu(ema.to(x.dtype) + x * self.residual_weight)
 
 
@@ -370,7 +350,7 @@ class LongVQRelativePositionalBias(nn.Module):
     def forward(self, offsets: torch.Tensor) -> torch.Tensor:
         """offsets: long tensor of any shape; out-of-window offsets are clamped (callers mask them)."""
         index = offsets.clamp(-self.max_offset, self.max_offset) + self.max_offset
-        return _derived(self, "table", self.table, *self.parameters())[index]
+        return self.table()[index]
 
 
 class LongVQSimpleRelativePositionalBias(LongVQRelativePositionalBias):
@@ -437,8 +417,7 @@ class LongVQVectorQuantizer(nn.Module):
 
     def codebook(self) -> torch.Tensor:
         """(S, Z) float32; never modified in place (an EMA update of the buffers yields a new tensor next time)."""
-        compute = lambda: self.codebook_sum.float() / self.codebook_count.float().clamp(min=1e-6)[:, None]  # noqa: E731
-        return _derived(self, "codebook", compute, self.codebook_sum, self.codebook_count)
+        return self.codebook_sum.float() / self.codebook_count.float().clamp(min=1e-6)[:, None]
 
     def quantize(self, keys: torch.Tensor, codebook: torch.Tensor):
         """keys: (B, T, Z); codebook: (S, Z) float32.
@@ -461,7 +440,7 @@ class LongVQVectorQuantizer(nn.Module):
 
     def _shifted_distances(self, keys: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """(B*T, S) `||k - C_s||^2 - ||k||^2` in float32 (even under autocast); the argmin is the nearest code."""
-        codeword_norms = _derived(self, "codeword_norms", lambda: codebook.pow(2).sum(-1), codebook)
+        codeword_norms = codebook.pow(2).sum(-1)
         with _autocast_off(keys):
             return torch.addmm(codeword_norms, keys.flatten(0, -2), codebook.t(), alpha=-2)
 
@@ -598,7 +577,7 @@ def vq_attention(
     grid_index = (grid_rows * s_dim + codes.view(batch, num_blocks, chunk_size)).view(batch, -1)
     counts = torch.zeros(batch, (num_blocks + 2) * s_dim, device=query.device, dtype=softmax_dtype)
     counts = counts.scatter_add_(1, grid_index, real.view(batch, -1).to(softmax_dtype))
-    masked_values = value if bool(key_mask.all()) else value * key_mask.unsqueeze(-1).to(value.dtype)
+    masked_values = value * key_mask.unsqueeze(-1).to(value.dtype)
     sums = torch.zeros(batch, (num_blocks + 2) * s_dim, h_dim, device=query.device, dtype=softmax_dtype)
     sums = sums.scatter_add_(1, grid_index.unsqueeze(-1).expand(-1, -1, h_dim), masked_values.to(softmax_dtype))
     counts, sums = counts.view(batch, num_blocks + 2, s_dim), sums.view(batch, num_blocks + 2, s_dim, h_dim)
@@ -822,25 +801,17 @@ def vq_attention_step(
 
     # logits = q.C_code / sqrt(Z) + [bias(i - j) | log N_s] (+ the empty-slot mask), one softmax over 2C + S.
     scores = (query[:, 0] * query.shape[-1] ** -0.5).float() @ codebook.t()  # (B, S), every key is a codeword
-    codes, offsets, values, bias = state.keys, state.logit_offsets, state.values, _decode_bias(position_bias, chunk_size, state)
-    if not memory:  # the window slots only
-        window = 2 * chunk_size
-        codes, offsets, values, bias = codes[:, :window], offsets[:, :window], values[:, :window], bias[:, :window]
-    logits = scores.gather(1, codes) + offsets + bias[plan.slot]
+    window = 2 * chunk_size
+    # Window slot j of a query in slot s of the current block is at offset C + s - j; memory entries have no bias.
+    bias = position_bias(chunk_size + plan.slot[:, None] - torch.arange(window, device=plan.slot.device)).float()
+    codes, offsets, values = state.keys, state.logit_offsets, state.values
+    if memory:
+        bias = F.pad(bias, (0, codes.shape[1] - window))
+    else:  # the window slots only
+        codes, offsets, values = codes[:, :window], offsets[:, :window], values[:, :window]
+    logits = scores.gather(1, codes) + offsets + bias
     weights = torch.softmax(logits, dim=-1).to(values.dtype)
     return (weights.unsqueeze(1) @ values).to(value.dtype)
-
-
-def _decode_bias(position_bias, chunk_size, state):
-    """(C, 2C + S) float32: row s is the positional bias of a query in slot s of the current block over the joint
-    layout (window slots j get `bias(C + s - j)`, memory entries 0). Memoised on the bias parameters."""
-
-    def compute():
-        offsets = window_offsets(chunk_size, bidirectional=False, device=state.keys.device)
-        bias = position_bias(offsets).float()
-        return F.pad(bias, (0, state.keys.shape[1] - bias.shape[1]))
-
-    return _derived(position_bias, "decode_rows", compute, *position_bias.parameters())
 
 
 _EMPTY = torch.finfo(torch.float32).min  # logit offset of an empty slot: exp underflows to exactly 0
@@ -1125,7 +1096,7 @@ class LongVQGatedAttention(nn.Module):
             state = cache.layers[self.layer_idx]
             fresh = state.ema is None  # read before the EMA below sets it
         if carry is not None:  # every row runs through the whole piece (padding only trails: nothing real follows)
-            state, lengths = carry, torch.full((x.shape[0],), x.shape[1], device=x.device)
+            state = carry
         mixed = _dropout(self.ema(x, mask, state, lengths, plan), self.dropout, self.training)
         update, shared, reset, hidden = self.mix_proj(mixed).split(self.split_sizes, dim=-1)
         shared = F.silu(shared)
@@ -1365,7 +1336,11 @@ class LongVQPreTrainedModel(PreTrainedModel):
 
 
 def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
-    """Raise a clear error for malformed public inputs; returns `inputs_embeds` with a feature axis if it lacked one."""
+    """Raise a clear error for malformed public inputs; returns `inputs_embeds` with a feature axis if it lacked one.
+
+    Types and shapes are always checked. Value checks (ids in range, finite embeddings, a 0/1 mask) synchronise with
+    the host and branch on data, so they run in eager mode only, not inside `torch.compile` / `torch.export`."""
+    checking_values = not torch.compiler.is_compiling()
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
     if input_ids is not None:
@@ -1375,7 +1350,7 @@ def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise TypeError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        low, high = torch.aminmax(input_ids) if input_ids.numel() else (0, 0)
+        low, high = torch.aminmax(input_ids) if checking_values and input_ids.numel() else (0, 0)
         if low < 0 or high >= config.vocab_size:
             raise ValueError(
                 f"`input_ids` must be in [0, vocab_size={config.vocab_size}), got values in [{int(low)}, {int(high)}]."
@@ -1392,7 +1367,7 @@ def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
                 f"`inputs_embeds` must have shape (batch, length, {width}) "
                 f"({'input_dim' if config.input_dim else 'hidden_size'}), got {tuple(inputs_embeds.shape)}."
             )
-        if not torch.isfinite(inputs_embeds).all():
+        if checking_values and not torch.isfinite(inputs_embeds).all():
             raise ValueError("`inputs_embeds` contains NaN or infinite values.")
         batch, length = inputs_embeds.shape[:2]
     if batch == 0 or length == 0:
@@ -1404,7 +1379,9 @@ def _validate_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise ValueError(
                 f"`attention_mask` must have shape (batch, length) = {(batch, length)}, got {tuple(attention_mask.shape)}."
             )
-        if attention_mask.is_complex() or not ((attention_mask == 0) | (attention_mask == 1)).all():
+        if attention_mask.is_complex():
+            raise ValueError("`attention_mask` must contain only 0 (padding) and 1 (real token).")
+        if checking_values and not ((attention_mask == 0) | (attention_mask == 1)).all():
             raise ValueError("`attention_mask` must contain only 0 (padding) and 1 (real token).")
     return inputs_embeds
 
@@ -1692,6 +1669,8 @@ def _check_label_ids(labels: torch.Tensor, size: int, name: str):
     error on CPU and a device-side assert on GPU."""
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"`labels` must be an integer tensor of ids, got dtype {labels.dtype}.")
+    if torch.compiler.is_compiling():
+        return  # a value check syncs with the host and branches on data: eager mode only
     real = labels[labels != -100]
     if real.numel() and (real.min() < 0 or real.max() >= size):
         raise ValueError(
@@ -1724,7 +1703,7 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _vq_output_fields(outputs: LongVQModelOutput) -> dict:
     """The VQ fields of a model output, to pass on to a head's output."""
-    return {field.name: getattr(outputs, field.name) for field in fields(LongVQOutputFields)}
+    return {name: getattr(outputs, name) for name in ("commitment_loss", "codebook_usage", "codebook_perplexity")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
