@@ -1,5 +1,6 @@
-"""Benchmarks of LongVQ against same-width transformers baselines (HF Llama with SDPA attention, HF Mamba), measured
-side by side in one run.
+"""Benchmarks of LongVQ against transformers baselines of the experiments' registry
+(`longvq.experiments.baselines`: HF Llama with SDPA attention, same depth and parameter count; HF Mamba, same width
+and depth), measured side by side in one run.
 
 `train`: training throughput (forward + backward tokens/s, batch 1) and peak training memory versus sequence length,
     each point in a fresh process (so its peak resident memory is its own), plus LongVQ's achieved FLOP/s against this
@@ -21,16 +22,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from .configuration_longvq import LongVQConfig
-from .modeling_longvq import CACHE_NAME, LongVQForCausalLM
+from .experiments.baselines import Reference, build_baseline, count_parameters
+from .experiments.plots import pyplot
+from .modeling_longvq import CACHE_NAME
 from .training import enable_activation_checkpointing
 
 DEFAULT_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+BENCHMARKED = ("longvq", "llama", "mamba")
+MAX_LENGTH = 1 << 19  # longer than any benchmarked sequence (the Llama baseline's positions reach twice this)
 
 
-def longvq_config(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, **overrides):
+def benchmark_config(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, **overrides):
     """The benchmarked LongVQ: H = 2D, Z = D/4, N = 16."""
     return LongVQConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, intermediate_size=2 * hidden_size,
@@ -38,34 +42,25 @@ def longvq_config(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256,
     )  # fmt: skip
 
 
-def build_model(name, hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
-    """One benchmarked model: `longvq`, `llama` (same width and depth, SwiGLU width ~ 8/3 D, heads of 64, SDPA) or
-    `mamba` (same width and depth, state 16, expansion 2; HF's reference PyTorch path on CPU)."""
+def benchmark_model(name, hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
+    """One benchmarked causal LM: `longvq` (`benchmark_config`), or the baseline `llama` or `mamba` of
+    `longvq.experiments.baselines.BASELINES` built from it (Llama: same depth and parameter count, SDPA; Mamba:
+    same width and depth, state 16, expansion 2, HF's reference PyTorch path on CPU)."""
+    if name not in BENCHMARKED:
+        raise ValueError(f"Unknown model {name!r}: expected one of {', '.join(map(repr, BENCHMARKED))}.")
     torch.manual_seed(seed)
-    if name == "longvq":
-        return LongVQForCausalLM(longvq_config(hidden_size, num_layers, vocab_size, chunk_size, codebook_size))
-    if name == "llama":
-        return LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                intermediate_size=int(8 * hidden_size / 3), num_attention_heads=max(1, hidden_size // 64),
-                max_position_embeddings=1 << 20, attn_implementation="sdpa",
-            )
-        )  # fmt: skip
-    if name == "mamba":
-        return MambaForCausalLM(
-            MambaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, state_size=16)
-        )
-    raise ValueError(f"Unknown model {name!r}: expected 'longvq', 'llama' or 'mamba'.")
+    config = benchmark_config(hidden_size, num_layers, vocab_size, chunk_size, codebook_size)
+    reference = Reference(config, "causal_lm", MAX_LENGTH)
+    return reference.longvq() if name == "longvq" else build_baseline(name, reference)
 
 
-def build_models(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
-    """LongVQ and Llama (see `build_model`) for the decode benchmark, in eval mode."""
+def benchmark_models(hidden_size=256, num_layers=4, vocab_size=256, chunk_size=256, codebook_size=256, seed=0):
+    """LongVQ and Llama (see `benchmark_model`) for the decode benchmark, in eval mode."""
     sizes = {
         "hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size, "chunk_size": chunk_size,
         "codebook_size": codebook_size, "seed": seed,
     }  # fmt: skip
-    return {name: build_model(name, **sizes).eval() for name in ("longvq", "llama")}
+    return {name: benchmark_model(name, **sizes).eval() for name in ("longvq", "llama")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,7 +133,7 @@ def measure_train_point(
     step slower than `SLOW_STEP_SECONDS` is reported itself). Peak memory is this process's high-water resident
     memory over the steps, less its resident memory before them."""
     base, _, checkpointing = name.partition("+")
-    model = build_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
+    model = benchmark_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
     if checkpointing:
         enable_activation_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
@@ -163,7 +158,7 @@ def measure_train_point(
     seconds = sorted(times)[len(times) // 2]
     flops = longvq_train_flops(model.config, length) if base == "longvq" else None
     return TrainResult(
-        model=name, length=length, hidden_size=hidden_size, parameters=sum(p.numel() for p in model.parameters()),
+        model=name, length=length, hidden_size=hidden_size, parameters=count_parameters(model),
         seconds_per_step=seconds, tokens_per_second=length / seconds, system_seconds_per_step=system / len(times),
         peak_memory_bytes=max(peak, 0), flops_per_step=flops, achieved_flops=flops / seconds if flops else None,
     )  # fmt: skip
@@ -246,7 +241,7 @@ def train_targets(results: list[TrainResult], matmul_peak: float, flops_point: T
 
 def plot_train(results: list[TrainResult], path: str):
     """Log-log tokens/s and peak memory versus length, one line per model."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for name in TRAIN_MODELS:
         rows = [r for r in results if r.model == name and r.hidden_size == results[0].hidden_size]
@@ -299,7 +294,7 @@ def measure_decode(model, context: int, steps: int = 32, warmup: int = 4, seed: 
 
 
 def run_decode(contexts=DEFAULT_CONTEXTS, steps=32, models=None, **model_kwargs) -> list[DecodeResult]:
-    models = models or build_models(**model_kwargs)
+    models = models or benchmark_models(**model_kwargs)
     results = []
     work = [(name, context) for context in contexts for name in models]
     for name, context in tqdm(work, desc="decode benchmark"):
@@ -341,7 +336,7 @@ def decode_targets(results: list[DecodeResult]) -> dict:
 
 
 def plot_decode(results: list[DecodeResult], path: str):
-    plt = _pyplot()
+    plt = pyplot()
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for name, label in (("longvq", "LongVQ (LongVQCache)"), ("llama", "Llama SDPA (KV cache)")):
         rows = sorted((r for r in results if r.model == name), key=lambda r: r.context)
@@ -350,15 +345,6 @@ def plot_decode(results: list[DecodeResult], path: str):
         memory.plot(contexts, [r.state_bytes / 2**20 for r in rows], marker="o", label=label)
     panels = (latency, "Per-token decode latency", "ms / token"), (memory, "Decoding state", "MiB")
     _style_axes(plt, figure, path, *panels, "context length (tokens)")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _style_axes(plt, figure, path, *panels_and_xlabel):

@@ -215,7 +215,7 @@ def demo_recipe(metrics: Mapping) -> dict:
 
 
 def main(argv=None) -> None:
-    """`python scripts/make_card.py --results results.json --out README.md --model-name NAME --repo-id ORG/NAME`."""
+    """`longvq-card --results results.json --out README.md --model-name NAME --repo-id ORG/NAME`."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Render a LongVQ model card (README.md with model-index) offline.")

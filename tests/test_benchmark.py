@@ -1,16 +1,17 @@
 """The benchmarks run end to end at toy sizes (their targets are measured by the CLI, not here)."""
 
+import dataclasses
 import json
 
 import pytest
 
 from longvq.benchmark import (
     TrainResult,
-    build_model,
-    build_models,
+    benchmark_config,
+    benchmark_model,
+    benchmark_models,
     decode_table,
     decode_targets,
-    longvq_config,
     longvq_train_flops,
     main,
     measure_train_point,
@@ -18,10 +19,11 @@ from longvq.benchmark import (
     train_table,
     train_targets,
 )
+from longvq.experiments import BASELINES, count_parameters
 
 
 def test_decode_benchmark_reports_constant_longvq_state_and_growing_kv_cache():
-    models = build_models(hidden_size=32, num_layers=2, vocab_size=64, chunk_size=8, codebook_size=8)
+    models = benchmark_models(hidden_size=32, num_layers=2, vocab_size=64, chunk_size=8, codebook_size=8)
     results = run_decode(contexts=[16, 64], steps=2, models=models)
     state = {(r.model, r.context): r.state_bytes for r in results}
     assert state[("longvq", 16)] == state[("longvq", 64)] > 0
@@ -49,12 +51,12 @@ def test_train_point_measures_throughput_and_memory(name):
 
 
 def test_flop_model_counts_projections_attention_and_head():
-    config = longvq_config(hidden_size=64, num_layers=2, vocab_size=100, chunk_size=16, codebook_size=8)
+    config = benchmark_config(hidden_size=64, num_layers=2, vocab_size=100, chunk_size=16, codebook_size=8)
     d, h, z, c, s = 64, 128, 16, 16, 8
     per_token = 2 * ((d * h + d * (2 * d + z + h) + h * d + 2 * d * h) + (2 * c * z + s * z + (2 * c + s) * h)) + d * 100
     assert longvq_train_flops(config, 10) == 3 * 2 * per_token * 10
     # The model it describes has exactly these layer shapes.
-    model = build_model("longvq", hidden_size=64, num_layers=2, vocab_size=100, chunk_size=16, codebook_size=8)
+    model = benchmark_model("longvq", hidden_size=64, num_layers=2, vocab_size=100, chunk_size=16, codebook_size=8)
     assert model.model.layers[0].attention.mix_proj.out_features == 2 * d + z + h
 
 
@@ -88,3 +90,19 @@ def test_train_cli_runs_points_in_subprocesses(tmp_path, capsys):
     }
     assert (tmp_path / "train.png").stat().st_size > 0
     assert "| length |" in capsys.readouterr().out
+
+
+def test_baselines_come_from_the_experiments_registry(monkeypatch):
+    built, mamba = [], BASELINES["mamba"]
+
+    def recording_config(reference):
+        built.append(reference)
+        return mamba.config(reference)
+
+    monkeypatch.setitem(BASELINES, "mamba", dataclasses.replace(mamba, config=recording_config))
+    benchmark_model("mamba", hidden_size=32, num_layers=1)
+    assert [(r.config.hidden_size, r.config.num_hidden_layers, r.head) for r in built] == [(32, 1, "causal_lm")]
+    # Llama: the registry's, sized to the benchmarked LongVQ's parameter count (a same-width Llama is 5% off here).
+    longvq, llama = benchmark_model("longvq", num_layers=1), benchmark_model("llama", num_layers=1)
+    assert llama.config.num_hidden_layers == 1 and llama.config._attn_implementation == "sdpa"
+    assert abs(count_parameters(llama) / count_parameters(longvq) - 1) < 0.01

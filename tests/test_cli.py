@@ -1,10 +1,10 @@
 """Console scripts: every `longvq-*` entry point goes through `longvq.cli.run_command`, exits 0 on success whatever the
 command returns, and 1 with one `longvq-<name>: error: <reason>` line (no traceback) on an expected error."""
 
-import importlib.util
 import json
+import subprocess
+import sys
 from importlib.metadata import distribution
-from pathlib import Path
 
 import pytest
 
@@ -25,13 +25,20 @@ def test_every_installed_console_script_is_a_cli_function():
         assert function.__module__ == "longvq.cli", f"{name} bypasses run_command: {entry_point.value}"
 
 
-def test_no_script_shadows_an_importable_module():
-    # `python scripts/NAME.py` puts scripts/ first on sys.path, so a scripts/evaluate.py replaced the `evaluate` package
-    # for everything the scripts import (train_clm.py under torchrun failed on `evaluate.combine`).
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    names = [path.stem for path in scripts.glob("*.py")]
-    assert "train_clm" in names
-    assert [name for name in names if importlib.util.find_spec(name) is not None] == []
+def test_train_clm_runs_as_a_module_with_the_console_scripts_exit_status(tmp_path):
+    # Launchers start longvq-train-clm as `-m longvq.training` (torchrun -m, accelerate launch -m): the same parser
+    # and the same exit status as the console script.
+    def run(*arguments):
+        command = [sys.executable, "-m", "longvq.training", *arguments]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+
+    help_text = run("--help")
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: longvq-train-clm")
+    missing = tmp_path / "none"
+    failed = run("--output_dir", str(tmp_path / "clm"), "--model_name_or_path", str(missing))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    reason = f"longvq-train-clm: error: --model_name_or_path '{missing}' is not a checkpoint folder"
+    assert failed.stderr.splitlines()[-1] == reason
 
 
 def test_success_is_status_zero_whatever_main_returns():

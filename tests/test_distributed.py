@@ -1,14 +1,15 @@
-"""Data-parallel training on CPU: `scripts/train_clm.py` in 2 processes (gloo) against 1 process over the same global
-batch (2 x 2 versus 4). Checks that the replicas' codebooks stay bitwise identical (the model all-reduces its EMA
-k-means statistics; DDP's buffer broadcast is off) and that loss curve, eval bits per byte and codebooks match the
-single-process run (measured: losses within 5e-7 over 8 steps, bpb within 3e-8; tolerance 1e-4).
+"""Data-parallel training on CPU: the `longvq-train-clm` command, started by the launchers as the module
+`longvq.training` (`-m`), in 2 processes (gloo) against 1 process over the same global batch (2 x 2 versus 4). Checks
+that the replicas' codebooks stay bitwise identical (the model all-reduces its EMA k-means statistics; DDP's buffer
+broadcast is off) and that loss curve, eval bits per byte and codebooks match the single-process run (measured:
+losses within 5e-7 over 8 steps, bpb within 3e-8; tolerance 1e-4).
 
 Launchers: `accelerate launch` with DDP and with FSDP2 (explicit config files, so a user's default accelerate config
-cannot leak in), and `torchrun` (`python -m torch.distributed.run`). Note: in accelerate 1.15, `accelerate launch --cpu
---num_processes 2` starts ONE process unless MPI is set up (`--mpirun_hostfile`); the multi-process CPU launch is
-the torch.distributed one (`distributed_type: MULTI_GPU` / `--multi_gpu`), where the script, finding no GPU (or given
-`--use_cpu`), uses the gloo backend. The tests assert `world_size == 2` so such a silent fallback would fail them.
-About 7 s per launch on 2 cores.
+cannot leak in), and `torchrun` (`python -m torch.distributed.run`), each with `-m longvq.training`. Note: in
+accelerate 1.15, `accelerate launch --cpu --num_processes 2` starts ONE process unless MPI is set up
+(`--mpirun_hostfile`); the multi-process CPU launch is the torch.distributed one (`distributed_type: MULTI_GPU` /
+`--multi_gpu`), where the command, finding no GPU (or given `--use_cpu`), uses the gloo backend. The tests assert
+`world_size == 2` so such a silent fallback would fail them. About 7 s per launch on 2 cores.
 """
 
 import json
@@ -26,7 +27,7 @@ from longvq import LongVQForCausalLM
 from longvq.training import byte_lm_config, codebook_summary, main
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "train_clm.py"
+MODULE = "longvq.training"  # `python -m longvq.training` is longvq-train-clm; launchers start it with `-m`
 STEPS = 8
 MODEL = dict(
     hidden_size=32, intermediate_size=64, shared_representation_size=16, ema_projection_size=4, codebook_size=8,
@@ -55,7 +56,7 @@ fsdp_config:
 )
 
 
-def _script_args(output_dir, per_device_batch, *extra):
+def _command_args(output_dir, per_device_batch, *extra):
     return [
         "--output_dir", str(output_dir), "--max_steps", str(STEPS), "--block_size", "64", "--seed", "0",
         "--per_device_train_batch_size", str(per_device_batch), "--per_device_eval_batch_size", "4",
@@ -79,7 +80,7 @@ def _run_two_processes(launcher, tmp_path, output_dir, *extra):
         command += ["--main_process_port", port]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    command += [str(SCRIPT), *_script_args(output_dir, 2, *extra)]
+    command += ["-m", MODULE, *_command_args(output_dir, 2, *extra)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -97,7 +98,7 @@ def _read_rank_codebooks(output_dir):
 def single_process(tmp_path_factory):
     """The reference: one process, per-device batch 4 (= 2 processes x 2), same seed, data and steps."""
     output_dir = tmp_path_factory.mktemp("single") / "run"
-    main(_script_args(output_dir, 4, "--no_save_model"))
+    main(_command_args(output_dir, 4, "--no_save_model"))
     return json.loads((output_dir / "results.json").read_text())
 
 
@@ -130,7 +131,7 @@ def test_accelerate_launch_two_processes_match_one(tmp_path, single_process):
 
 
 def test_torchrun_two_processes_with_activation_checkpointing_match_one(tmp_path, single_process):
-    """The same script under torchrun, with activation checkpointing in both replicas (DDP + recompute)."""
+    """The same command under torchrun, with activation checkpointing in both replicas (DDP + recompute)."""
     output_dir = tmp_path / "ddp"
     results = _run_two_processes("torchrun", tmp_path, output_dir, "--no_save_model", "--activation_checkpointing")
     _check_against_single_process(results, _read_rank_codebooks(output_dir), single_process)

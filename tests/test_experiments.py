@@ -1,48 +1,36 @@
 """Tests of `longvq.experiments` (presets, model builders, `run_experiment`, the CLIs and the comparison table).
 
-Training runs use a tiny in-file task registry (one task per kind: token classification, continuous-value
-classification, language modelling, MQAR-style token labels) with the `longvq.tasks` interface, so each run takes a
-second or two and does not depend on data builders; `test_real_registry_listops` runs one real task end to end.
+Training runs use tiny in-file tasks (one per kind: token classification, continuous-value classification, language
+modelling, MQAR-style token labels) registered in `longvq.tasks.TASKS` by the `fake_registry` fixture, so each run
+takes a second or two and does not depend on the data builders; `test_real_task_families` runs real tasks end to end.
 """
 
 import json
 import math
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from longvq import experiments
+from longvq import LongVQConfig, experiments, tasks
 from longvq.experiments import (
+    BASELINES,
+    Reference,
     TokenLabelShift,
+    build_baseline,
     comparison_table,
     compute_token_accuracy,
     count_parameters,
     get_preset,
     run_experiment,
 )
+from longvq.tasks import TaskInfo
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A tiny registry with the longvq.tasks interface
+# Tiny tasks, registered in longvq.tasks.TASKS for the tests that use them
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FakeTaskInfo:
-    name: str
-    family: str
-    kind: str
-    builder: Callable
-    vocab_size: int | None
-    input_dim: int | None
-    num_labels: int | None
-    max_length: int
-    pad_token_id: int = 0
-    description: str = field(default="")
 
 
 def _splits(make, seed, sizes=(96, 32, 32)):
@@ -51,7 +39,7 @@ def _splits(make, seed, sizes=(96, 32, 32)):
     return DatasetDict({name: Dataset.from_dict(make(rng, n)) for name, n in zip(names, sizes)})
 
 
-def build_tokens(seed=0, length=16):
+def build_tokens(seed=0, cache_dir=None, length=16):
     """Label 1 iff token 1 occurs in the sequence (ids 1-7, pad 0), variable lengths."""
 
     def make(rng, n):
@@ -65,7 +53,7 @@ def build_tokens(seed=0, length=16):
     return _splits(make, seed)
 
 
-def build_values(seed=0, length=16):
+def build_values(seed=0, cache_dir=None, length=16):
     """Continuous inputs: label 1 iff the mean value is above 0.5."""
 
     def make(rng, n):
@@ -76,7 +64,7 @@ def build_values(seed=0, length=16):
     return _splits(make, seed)
 
 
-def build_lm(seed=0, length=24):
+def build_lm(seed=0, cache_dir=None, length=24):
     """Periodic sequences (period 3, random phase and symbols): the next token is predictable after 3 tokens."""
 
     def make(rng, n):
@@ -86,7 +74,7 @@ def build_lm(seed=0, length=24):
     return _splits(make, seed)
 
 
-def build_token_labels(seed=0, length=16):
+def build_token_labels(seed=0, cache_dir=None, length=16):
     """MQAR-style: every odd position t is scored with label[t] = input_ids[t] (unshifted: the output at t must name
     the token at t); even positions are -100. Solvable only with the correct label alignment."""
 
@@ -100,44 +88,12 @@ def build_token_labels(seed=0, length=16):
 
 
 FAKE_TASKS = {
-    "fake_cls": FakeTaskInfo("fake_cls", "lra", "classification", build_tokens, 8, None, 2, 16),
-    "fake_values": FakeTaskInfo("fake_values", "image", "classification", build_values, None, 1, 2, 16),
-    "fake_lm": FakeTaskInfo("fake_lm", "lm", "lm", build_lm, 8, None, None, 24),
-    "fake_mqar": FakeTaskInfo("fake_mqar", "recall", "token_labels", build_token_labels, 16, None, None, 16),
+    "fake_cls": TaskInfo("fake_cls", "lra", "classification", build_tokens, 8, None, 2, 16),
+    "fake_values": TaskInfo("fake_values", "image", "classification", build_values, None, 1, 2, 16),
+    "fake_lm": TaskInfo("fake_lm", "lm", "lm", build_lm, 8, None, None, 24),
+    "fake_mqar": TaskInfo("fake_mqar", "recall", "token_labels", build_token_labels, 16, None, None, 16),
 }
 
-
-class FakeCollator:
-    """Pads `input_ids` (attention_mask), turns `values` into `inputs_embeds` (B, T, 1), `label` into `labels`, and
-    pads sequence labels with -100 — the documented behaviour of `longvq.tasks.TaskCollator`."""
-
-    def __init__(self, info, pad_to_multiple_of=None):
-        self.info = info
-
-    def __call__(self, features):
-        batch = {}
-        key = "values" if "values" in features[0] else "input_ids"
-        length = max(len(f[key]) for f in features)
-        mask = torch.tensor([[1] * len(f[key]) + [0] * (length - len(f[key])) for f in features])
-        if key == "values":
-            rows = [f[key] + [0.0] * (length - len(f[key])) for f in features]
-            batch["inputs_embeds"] = torch.tensor(rows)[..., None]
-        else:
-            pad = self.info.pad_token_id
-            batch["input_ids"] = torch.tensor([f[key] + [pad] * (length - len(f[key])) for f in features])
-        batch["attention_mask"] = mask
-        if "label" in features[0]:
-            batch["labels"] = torch.tensor([f["label"] for f in features])
-        elif "labels" in features[0]:
-            batch["labels"] = torch.tensor([f["labels"] + [-100] * (length - len(f["labels"])) for f in features])
-        return batch
-
-
-def fake_build_task(name, seed=0, cache_dir=None, **kwargs):
-    return FAKE_TASKS[name].builder(seed=seed, **kwargs)
-
-
-FAKE_REGISTRY = types.SimpleNamespace(TASKS=FAKE_TASKS, build_task=fake_build_task, TaskCollator=FakeCollator)
 
 TINY_MODEL = {
     "hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32, "shared_representation_size": 8,
@@ -156,10 +112,11 @@ def tiny_preset(max_steps=8, **train):
 
 @pytest.fixture
 def fake_registry(monkeypatch):
-    monkeypatch.setattr(experiments, "task_registry", lambda: FAKE_REGISTRY)
-    for name in FAKE_TASKS:
+    """The tiny tasks in the task registry (built and collated by `longvq.tasks`), each with tiny presets."""
+    for name, info in FAKE_TASKS.items():
+        monkeypatch.setitem(tasks.TASKS, name, info)
         monkeypatch.setitem(experiments.PRESETS, name, {"quick": tiny_preset(), "full": tiny_preset()})
-    return FAKE_REGISTRY
+    return tasks.TASKS
 
 
 RESULT_FIELDS = (
@@ -222,6 +179,29 @@ def test_llama_reads_values_through_a_linear_encoder(fake_registry):
     assert model.input_projection.in_features == 1
     out = model(inputs_embeds=torch.rand(2, 16, 1), attention_mask=torch.ones(2, 16, dtype=torch.long))
     assert out.logits.shape == (2, 2)
+
+
+def test_llama_has_the_depth_of_the_longvq_model_it_is_compared_with():
+    preset = tiny_preset()
+    del preset["model"]["num_hidden_layers"]  # LongVQConfig's default depth
+    llama = experiments.build_model("llama", FAKE_TASKS["fake_cls"], preset)
+    longvq = experiments.build_model("longvq", FAKE_TASKS["fake_cls"], preset)
+    assert llama.config.num_hidden_layers == longvq.config.num_hidden_layers == LongVQConfig().num_hidden_layers
+
+
+def test_one_baseline_registry():
+    reference = Reference(LongVQConfig(vocab_size=8, **TINY_MODEL), "causal_lm", max_length=16)
+    assert set(BASELINES) == {"llama", "mega_chunk", "mamba"}
+    mamba = build_baseline("mamba", reference)
+    assert (mamba.config.hidden_size, mamba.config.num_hidden_layers, mamba.config.vocab_size) == (16, 1, 8)
+    assert build_baseline("mega_chunk", reference).config.codebook_memory is False
+    assert reference.config.codebook_memory is True  # the reference itself is left alone
+    with pytest.raises(ValueError, match="Unknown baseline"):
+        build_baseline("gpt", reference)
+    with pytest.raises(ValueError, match="causal LM on token ids only"):
+        build_baseline("mamba", Reference(reference.config, "sequence_classification", max_length=16))
+    with pytest.raises(ValueError, match="Unknown head"):
+        Reference(reference.config, "token_classification", max_length=16)
 
 
 def test_mqar_labels_are_aligned(fake_registry, tmp_path):

@@ -17,8 +17,10 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from longvq import experiments, metrics, training
-from longvq.experiments import compute_token_accuracy
+from helpers import tiny_config
+
+from longvq import LongVQForCausalLM, metrics
+from longvq.experiments import codebook_usage, compute_token_accuracy
 from longvq.training import CodebookHealthCallback, compute_classification_metrics, compute_lm_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,20 +160,21 @@ def test_modules_combine_with_evaluate():
     assert language_model.compute() == result
 
 
-def _recording_loader(monkeypatch, module):
-    """Replace `module.load_metric` by one that records the names it loads (and still loads them)."""
+def _recording_loader(monkeypatch):
+    """Replace `longvq.metrics.load` by one that records the names it loads (and still loads them)."""
     names = []
+    load_module = metrics.load
 
     def record(name, *args, **kwargs):
         names.append(name)
-        return metrics.load(name, *args, **kwargs)
+        return load_module(name, *args, **kwargs)
 
-    monkeypatch.setattr(module, "load_metric", record)
+    monkeypatch.setattr(metrics, "load", record)
     return names
 
 
 def test_trainer_metric_functions_compute_with_the_modules(monkeypatch):
-    names = _recording_loader(monkeypatch, training)
+    names = _recording_loader(monkeypatch)
     nll = np.array([[0.5, 1.5, 0.0], [1.0, 7.0, 0.0]], dtype=np.float32)  # nll[:, t] scores labels[:, t + 1]
     labels = np.array([[0, 10, 11], [0, 12, -100]])
     lm = compute_lm_metrics(EvalPrediction(predictions=nll, label_ids=labels))
@@ -181,7 +184,7 @@ def test_trainer_metric_functions_compute_with_the_modules(monkeypatch):
     assert classification == {"accuracy": 2 / 3}
     assert names == ["perplexity", "bits_per_byte", "accuracy"]
 
-    names = _recording_loader(monkeypatch, experiments)
+    names = _recording_loader(monkeypatch)
     # Shifted token labels: predictions[:, t] is scored against labels[:, t + 1].
     tokens = types.SimpleNamespace(predictions=np.array([[5, 6, 7, 0]]), label_ids=np.array([[-100, 5, 1, 7]]))
     assert compute_token_accuracy(tokens) == {"accuracy": 2 / 3, "scored_positions": 3}
@@ -198,10 +201,11 @@ def test_trainer_metrics_of_nothing_scored_are_nan_not_a_perfect_score():
 
 
 def test_codebook_health_callback_reports_the_modules_values(monkeypatch):
-    names = _recording_loader(monkeypatch, training)
+    names = _recording_loader(monkeypatch)
     health = CodebookHealthCallback()
     assert health.metrics() == {}  # nothing collected yet
-    health._counts = [torch.tensor([3.0, 1.0, 0.0, 0.0]), torch.tensor([2.0, 2.0, 2.0, 2.0])]
+    health.on_train_begin(None, None, None, model=LongVQForCausalLM(tiny_config()))
+    health.counter.counts = [torch.tensor([3.0, 1.0, 0.0, 0.0]), torch.tensor([2.0, 2.0, 2.0, 2.0])]
     uneven = 4 / 3**0.75
     assert health.metrics() == pytest.approx({
         "codebook_usage_layer0": 0.5, "codebook_perplexity_layer0": uneven,
@@ -209,6 +213,25 @@ def test_codebook_health_callback_reports_the_modules_values(monkeypatch):
         "codebook_usage": 0.75, "codebook_perplexity": (uneven + 4.0) / 2,
     }, rel=1e-6)  # fmt: skip
     assert names == ["codebook_usage", "codebook_perplexity"]
+
+
+def test_experiment_codebook_usage_pools_its_batches_with_the_modules(monkeypatch):
+    """`longvq.experiments.codebook_usage` counts the codes of all its batches together (one batch: the model's own
+    per-batch usage and perplexity; two batches: at least the usage of either) and computes with the modules."""
+    names = _recording_loader(monkeypatch)
+    torch.manual_seed(0)
+    model = LongVQForCausalLM(tiny_config()).eval()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(i))} for i in (1, 2)]
+    with torch.no_grad():
+        outputs = [model(**batch) for batch in batches]
+    one = codebook_usage(model, batches[:1])
+    assert one["usage_per_layer"] == pytest.approx(outputs[0].codebook_usage.tolist(), abs=1e-4)
+    assert one["perplexity_per_layer"] == pytest.approx(outputs[0].codebook_perplexity.tolist(), abs=1e-2)
+    both = codebook_usage(model, batches)
+    for layer, usage in enumerate(both["usage_per_layer"]):
+        assert usage >= max(float(out.codebook_usage[layer]) for out in outputs) - 1e-4
+    assert both["mean_usage"] == pytest.approx(sum(both["usage_per_layer"]) / 2, abs=1e-4)
+    assert names == ["codebook_usage", "codebook_perplexity"] * 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """LoRA (PEFT) on LongVQ: the causal LM and the sequence classifier, with the Trainer.
 
-Decisions under test (see `longvq.training.LORA_TARGET_MODULES` and `freeze_codebooks`):
+Decisions under test (see `longvq.training.LORA_TARGET_MODULES` and `LongVQPreTrainedModel.freeze_codebooks`):
 - LoRA targets the block's linear layers `value_proj`, `mix_proj`, `out_proj`, `fc1`, `fc2` (= PEFT's "all-linear");
 - the raw EMA / q-k affine / relative-bias parameters stay frozen, or are trained as full copies via
   `modules_to_save=["ema", "position_bias"]`;
-- the codebook buffers are frozen during LoRA fine-tuning (`freeze_codebooks`): an adapter file holds adapter weights
+- the codebook buffers are frozen during LoRA fine-tuning (`freeze_codebooks()`): an adapter file holds adapter weights
   only, so a codebook moved by the EMA k-means in training-mode forwards would be lost on reload (and would alter the
   base shared by other adapters). With them frozen, adapter + base reproduce the fine-tuned model exactly.
 """
@@ -27,9 +27,7 @@ from longvq.training import (
     classification_trainer,
     codebook_summary,
     codebooks_frozen,
-    freeze_codebooks,
     train_causal_lm,
-    unfreeze_codebooks,
 )
 
 # PEFT 0.21 still reads `is_gradient_checkpointing`, which transformers 5.23 renamed (warning only).
@@ -68,7 +66,7 @@ def trained_lora(tmp_path_factory):
     base.save_pretrained(folder / "base")
     base_logits = _logits(base, _inputs())
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = freeze_codebooks(get_peft_model(base, _lora(TaskType.CAUSAL_LM)))
+    model = get_peft_model(base.freeze_codebooks(), _lora(TaskType.CAUSAL_LM))
     run = train_causal_lm(
         str(folder / "adapter"), model=model, datasets=byte_lm_datasets(block_size=32, seed=0), max_steps=10,
         per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1,
@@ -119,9 +117,10 @@ def test_codebooks_update_during_lora_unless_frozen():
     ids = _inputs()
     before = codebook_summary(model)["sha256"]
     model.train()
-    freeze_codebooks(model)(input_ids=ids, labels=ids)
+    model.freeze_codebooks()  # through the PEFT model to the LongVQ model's method
+    model(input_ids=ids, labels=ids)
     assert codebook_summary(model)["sha256"] == before
-    unfreeze_codebooks(model)
+    model.freeze_codebooks(False)
     assert not codebooks_frozen(model)
     model(input_ids=ids, labels=ids)
     assert codebook_summary(model)["sha256"] != before
@@ -153,9 +152,7 @@ def test_adapter_saves_and_loads_offline(trained_lora, tmp_path):
 def test_modules_to_save_trains_ema_and_positional_bias(tmp_path):
     base = _causal_lm()
     base.save_pretrained(tmp_path / "base")
-    model = freeze_codebooks(
-        get_peft_model(base, _lora(TaskType.CAUSAL_LM, modules_to_save=["ema", "position_bias"]))
-    )  # fmt: skip
+    model = get_peft_model(base.freeze_codebooks(), _lora(TaskType.CAUSAL_LM, modules_to_save=["ema", "position_bias"]))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     copies = [name for name in trainable if ".modules_to_save." in name]
     for raw in ("damping_logit", "decay_logit", "expansion", "projection", "residual_weight", "position_bias"):
@@ -182,7 +179,7 @@ def test_modules_to_save_trains_ema_and_positional_bias(tmp_path):
 def test_lora_sequence_classifier_keeps_score_trainable(tmp_path):
     set_seed(0)
     base = LongVQForSequenceClassification(tiny_config(vocab_size=256, bidirectional=True, num_labels=2, chunk_size=8))
-    model = freeze_codebooks(get_peft_model(base, _lora(TaskType.SEQ_CLS)))
+    model = get_peft_model(base.freeze_codebooks(), _lora(TaskType.SEQ_CLS))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     head = [name for name in trainable if ".score." in name]
     assert {name.rsplit(".", 1)[-1] for name in head} == {"weight", "bias"}  # SEQ_CLS keeps `score` trainable
@@ -216,7 +213,7 @@ def test_lora_with_activation_checkpointing_trains_the_adapters(tmp_path):
     data = byte_lm_datasets(block_size=32, seed=0)
     curves = {}
     for checkpointing in (False, True):
-        model = freeze_codebooks(get_peft_model(_causal_lm(), _lora(TaskType.CAUSAL_LM)))
+        model = get_peft_model(_causal_lm().freeze_codebooks(), _lora(TaskType.CAUSAL_LM))
         before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         run = train_causal_lm(
             str(tmp_path / str(checkpointing)), model=model, datasets=data, max_steps=4, per_device_train_batch_size=8,

@@ -119,7 +119,7 @@ class _CountingHealth(CodebookHealthCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
-            self.tokens.append([float(counts.sum()) for counts in self._counts])
+            self.tokens.append([float(counts.sum()) for counts in self.counter.counts])
         super().on_log(args, state, control, logs=logs, **kwargs)
 
 

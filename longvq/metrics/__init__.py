@@ -18,8 +18,9 @@ scored position (or no code count) is NaN. Each module is the folder `longvq/met
     bits_per_byte.compute(predictions=[[0.5, 1.5, 4.0]], references=[[104, 105, -100]])  # {'bits_per_byte': 1.4427}
     lm_metrics = evaluate.combine([metrics.load("perplexity"), metrics.load("bits_per_byte")])
 
-`longvq.training.compute_lm_metrics`, `compute_classification_metrics`, `CodebookHealthCallback` and
-`longvq.experiments.compute_token_accuracy` compute their values with these modules.
+`longvq.training`'s `Trainer` metric functions (`compute_lm_metrics`, `compute_classification_metrics`,
+`compute_token_accuracy`) and its codebook counts (`CodeCounter`, `CodebookHealthCallback`) compute their values with
+these modules.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from importlib import resources
 import numpy as np
 
 METRIC_NAMES = ("accuracy", "bits_per_byte", "codebook_perplexity", "codebook_usage", "perplexity")
+IGNORE_INDEX = -100  # the label transformers' losses skip: never scored here, and what LongVQ's data pads labels with
 
 
 def path(name: str) -> str:
@@ -47,7 +49,7 @@ def load(name: str, config_name: str | None = None, **kwargs):
     return evaluate.load(path(name), config_name, **kwargs)
 
 
-def scored_tokens(predictions, references, ignore_index: int = -100, dtype=np.float64):
+def scored_tokens(predictions, references, ignore_index: int = IGNORE_INDEX, dtype=np.float64):
     """For the token-level modules: `predictions` and `references` are rows (one per sequence; rows may differ in
     length, but a row of `predictions` must be as long as the same row of `references`). Returns the flat arrays of
     the scored positions, those whose reference is not `ignore_index`: (predictions as `dtype`, references as int64).
@@ -97,6 +99,6 @@ def code_count_rows(code_counts) -> list[np.ndarray]:
 
 
 __all__ = [
-    "METRIC_NAMES", "code_count_features", "code_count_rows", "load", "path", "per_codebook", "scored_tokens",
-    "token_features",
+    "IGNORE_INDEX", "METRIC_NAMES", "code_count_features", "code_count_rows", "load", "path", "per_codebook",
+    "scored_tokens", "token_features",
 ]  # fmt: skip

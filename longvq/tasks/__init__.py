@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..metrics import IGNORE_INDEX
 from .common import CACHE_ENV, TaskSourceMissing, default_cache_root
 from .images import fashion_mnist
 from .listops import listops
@@ -43,8 +44,6 @@ from .pathfinder import pathfinder
 from .recall import mqar
 from .speech import speech_keywords
 from .text import retrieval, text_classification, text_lm
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

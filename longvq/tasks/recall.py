@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..metrics import IGNORE_INDEX
 from .common import (
     cached,
     check_fraction,
@@ -25,7 +26,6 @@ from .common import (
     split_sizes,
 )
 
-IGNORE_INDEX = -100
 DEFAULTS = {
     "vocab_size": 8192,
     "seq_len": 256,

@@ -7,7 +7,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from longvq.metrics import scored_tokens
+from longvq.metrics import IGNORE_INDEX, scored_tokens
 
 _DESCRIPTION = """
 Accuracy: the fraction of scored predictions equal to their reference. A reference equal to `ignore_index`
@@ -48,7 +48,7 @@ class Accuracy(evaluate.Metric):
             features=datasets.Features({"predictions": feature, "references": feature}),
         )
 
-    def _compute(self, predictions, references, ignore_index=-100):
+    def _compute(self, predictions, references, ignore_index=IGNORE_INDEX):
         rows = (predictions, references) if self.config_name == "tokens" else ([predictions], [references])
         predictions, references = scored_tokens(*rows, ignore_index=ignore_index, dtype=np.int64)
         return {"accuracy": float((predictions == references).mean()) if references.size else math.nan}

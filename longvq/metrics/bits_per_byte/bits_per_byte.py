@@ -5,7 +5,7 @@ import math
 
 import evaluate
 
-from longvq.metrics import scored_tokens, token_features
+from longvq.metrics import IGNORE_INDEX, scored_tokens, token_features
 
 _DESCRIPTION = """
 Bits per byte: the mean negative log-likelihood per scored token in bits (nats / ln 2), pooled over all
@@ -38,7 +38,7 @@ class BitsPerByte(evaluate.Metric):
             features=token_features(),
         )
 
-    def _compute(self, predictions, references, ignore_index=-100):
+    def _compute(self, predictions, references, ignore_index=IGNORE_INDEX):
         negative_log_likelihoods, _ = scored_tokens(predictions, references, ignore_index=ignore_index)
         if not negative_log_likelihoods.size:
             return {"bits_per_byte": math.nan}

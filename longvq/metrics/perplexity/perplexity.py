@@ -6,7 +6,7 @@ import math
 import evaluate
 import numpy as np
 
-from longvq.metrics import scored_tokens, token_features
+from longvq.metrics import IGNORE_INDEX, scored_tokens, token_features
 
 _DESCRIPTION = """
 Perplexity of a language model: exp of its mean negative log-likelihood (cross-entropy, in nats) per scored
@@ -41,7 +41,7 @@ class Perplexity(evaluate.Metric):
             features=token_features(),
         )
 
-    def _compute(self, predictions, references, ignore_index=-100):
+    def _compute(self, predictions, references, ignore_index=IGNORE_INDEX):
         negative_log_likelihoods, _ = scored_tokens(predictions, references, ignore_index=ignore_index)
         cross_entropy = float(negative_log_likelihoods.mean()) if negative_log_likelihoods.size else math.nan
         with np.errstate(over="ignore"):
