@@ -86,6 +86,9 @@ class LongVQConfig(PreTrainedConfig):
     """
 
     model_type = "longvq"
+    # Written with an explicit, typed `__init__` and `validate_*` methods rather than class-level dataclass fields:
+    # this file runs as remote code on every supported transformers 5.x, and before 5.4 the config base class is not
+    # a dataclass.
     _auto_class = "AutoConfig"  # save_pretrained copies this file next to config.json (remote code)
     # Trainer drops these output fields before gathering predictions (the decoding state is `past_key_values` before
     # transformers 5.24 and `cache` since).
@@ -165,7 +168,14 @@ class LongVQConfig(PreTrainedConfig):
         super().__init__(**kwargs)
 
     def validate_longvq(self):
-        """Raise `ValueError` naming the first field whose value is outside its allowed range."""
+        """Every LongVQ check, run when the config is built; each raises `ValueError` naming the field."""
+        self.validate_sizes()
+        self.validate_choices()
+        self.validate_rates()
+        self.validate_cross_fields()
+
+    def validate_sizes(self):
+        """Widths, depths and lengths are positive integers; the codebook has at least two codes."""
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "shared_representation_size",
             "ema_projection_size", "chunk_size",
@@ -176,17 +186,18 @@ class LongVQConfig(PreTrainedConfig):
         for name in ("ffn_hidden_size", "input_dim", "truncation", "segment_length"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
+
+    def validate_choices(self):
+        """Flags are bools; named options are among their allowed values."""
         for name in ("bidirectional", "codebook_memory", "normalize_before", "use_cache", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         _check_choice("normalization_type", self.normalization_type, NORMALIZATION_TYPES)
         _check_choice("relative_positional_bias", self.relative_positional_bias, RELATIVE_POSITIONAL_BIASES)
         _check_choice("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
-        if self.relative_positional_bias == "rotary" and self.shared_representation_size % 2:
-            raise ValueError(
-                "`shared_representation_size` must be even with relative_positional_bias='rotary', "
-                f"got {self.shared_representation_size}."
-            )
+
+    def validate_rates(self):
+        """Dropouts are probabilities, decays in [0, 1), weights and thresholds non-negative, scales positive."""
         for name in ("hidden_dropout", "attention_dropout", "dropout", "classifier_dropout"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
@@ -201,12 +212,19 @@ class LongVQConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+
+    def validate_cross_fields(self):
+        """Fields that constrain each other."""
+        if self.relative_positional_bias == "rotary" and self.shared_representation_size % 2:
+            raise ValueError(
+                "`shared_representation_size` must be even with relative_positional_bias='rotary', "
+                f"got {self.shared_representation_size}."
+            )
         if self.truncation is not None and not self.bidirectional:
             raise ValueError(
                 f"`truncation` ({self.truncation}) requires bidirectional=True: a truncated EMA kernel has no exact "
                 "step recurrence, so a causal model could not decode what it was trained on."
             )
-
 
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

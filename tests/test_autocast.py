@@ -10,7 +10,7 @@ from helpers import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longvq import LongVQForCausalLM
-from longvq import modeling_longvq
+from longvq import modeling_longvq, ops_longvq
 from longvq.modeling_longvq import LongVQMultiDimensionalEma, LongVQVectorQuantizer
 
 # Max / mean |logits(autocast) - logits(fp32)| for the model below (logits of std ~1, max ~5), measured on CPU with
@@ -73,9 +73,11 @@ def test_precision_critical_ops_run_in_float32_under_autocast(dtype, monkeypatch
     ids, mask = _batch()
     outputs = collections.defaultdict(set)
     _record_outputs(monkeypatch, LongVQVectorQuantizer, "_shifted_distances", outputs)
-    for name in ("kernel", "convolve", "scan", "final_state", "step"):
+    for name in ("kernel", "convolve", "step"):
         _record_outputs(monkeypatch, LongVQMultiDimensionalEma, name, outputs)
-    _record_outputs(monkeypatch, modeling_longvq, "_prefix_sums", outputs)  # cumulative memory counts and sums
+    for name in ("ema_scan", "ema_final_state"):
+        _record_outputs(monkeypatch, modeling_longvq, name, outputs)
+    _record_outputs(monkeypatch, ops_longvq, "_prefix_sums", outputs)  # cumulative memory counts and sums
     ops = _OpDtypes()
     with torch.autocast("cpu", dtype=dtype), ops:
         model.train()(ids, attention_mask=mask, labels=ids).loss.backward()  # training: whole-sequence path
@@ -84,8 +86,8 @@ def test_precision_critical_ops_run_in_float32_under_autocast(dtype, monkeypatch
             model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)  # one step
     # The autocast really was on: the linear layers ran in low precision.
     assert (dtype, dtype, dtype) in ops.ops["addmm"]
-    # (`final_state` runs only for prefills whose rows end at different positions, `kernel` only for truncated ones.)
-    assert set(outputs) >= {"_shifted_distances", "convolve", "scan", "step", "_prefix_sums"}
+    # (`kernel` runs only for truncated kernels.)
+    assert set(outputs) >= {"_shifted_distances", "convolve", "ema_scan", "ema_final_state", "step", "_prefix_sums"}
     for name, dtypes in outputs.items():
         assert dtypes == {torch.float32}, (name, dtypes)  # VQ distances, EMA kernel / convolution / recurrence
     assert ops.ops["_softmax"] == {(torch.float32,)}

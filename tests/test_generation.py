@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from longvq import LongVQCache, LongVQForCausalLM
-from longvq.modeling_longvq import LongVQLayerState
+from longvq.cache_longvq import LongVQLayerState
 from helpers import tiny_config
 
 MAX_DECODE_ERROR = 1e-4

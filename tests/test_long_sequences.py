@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from helpers import tiny_config
-from reference import dense_vq_attention_rows
+from longvq.ops_longvq import naive_vq_attention_rows as dense_vq_attention_rows
 
 import longvq.modeling_longvq as modeling
 from longvq import LongVQForCausalLM
@@ -50,9 +50,9 @@ def _long_run(length: int, monkeypatch):
     calls = []
 
     def recording_vq_attention(*args, **kwargs):
-        out = vq_attention(*args, **kwargs)
+        out, state = vq_attention(*args, **kwargs)
         calls.append((args, kwargs, out))
-        return out
+        return out, state
 
     vq_attention = modeling.vq_attention
     monkeypatch.setattr(modeling, "vq_attention", recording_vq_attention)
