@@ -49,6 +49,7 @@ setup(
             "longvq-demo=longvq.cli:demo",
             "longvq-benchmark=longvq.cli:benchmark",
             "longvq-export=longvq.cli:export",
+            "longvq-verify=longvq.cli:verify",
             "longvq-card=longvq.cli:card",
             "longvq-train-clm=longvq.cli:train_clm",
             "longvq-train=longvq.cli:train",

@@ -144,6 +144,7 @@ CONSOLE_JOBS = [
     ("longvq-demo", "--steps 2 --eval-every 1 --sample-bytes 16 --batch-size 4 --seq-len 64 --out {w}/demo",
      "--seq-len 0 --out {w}/demo-bad"),
     ("longvq-export", "{w}/demo {w}/export --repo-id ci/longvq-demo", "{w}/missing {w}/export-bad"),
+    ("longvq-verify", "{w}/export", "{w}/demo-bad"),
     ("longvq-card", "--model-name ci --config {w}/export --out {w}/card/README.md",
      "--model-name ci --results {w}/missing.json --out {w}/card-bad/README.md"),
     ("longvq-train", "--task mqar --output-dir {w}/train --max-steps 2 --set data.num_train=16 "

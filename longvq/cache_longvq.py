@@ -72,7 +72,8 @@ class LongVQLayerState(CacheLayerMixin):
     A decoding step attends over it as it is stored (`ops_longvq.vq_attention_step`); a block-parallel call (prefill)
     takes it as a `LongVQLayerCarry` (`carry`) and gives back the state after its tokens (`store`). The joint layout
     is kept for the steps, which are most of decoding: building it from the carry's window and memory at every step
-    would copy the 2C + S value rows of every layer once per token.
+    would copy the 2C + S value rows of every layer once per token (measured for C = S = 256, H = 512, one thread:
+    0.32 ms per layer per step, about a quarter of a 4-layer model's ~5.5 ms decoding step).
 
     Stored in the joint layout the decode step attends over, 2C window slots followed by S memory entries:
       - keys (B, 2C + S) long: the key of every slot as its code (a quantized key is the codeword it names): the

@@ -63,6 +63,7 @@ def _console_script(name: str, target: str) -> Callable[[list[str] | None], int]
 demo = _console_script("demo", "longvq.demo:main")
 benchmark = _console_script("benchmark", "longvq.benchmark:main")
 export = _console_script("export", "longvq.hub:main")
+verify = _console_script("verify", "longvq.hub:verify_main")
 card = _console_script("card", "longvq.model_card:main")
 train_clm = _console_script("train-clm", "longvq.training.cli:main")
 train = _console_script("train", "longvq.experiments.cli:train_main")

@@ -12,8 +12,8 @@ from longvq import cli
 from longvq.tasks import TaskSourceMissing
 
 CONSOLE_SCRIPTS = {
-    "longvq-demo", "longvq-benchmark", "longvq-export", "longvq-card", "longvq-train-clm", "longvq-train",
-    "longvq-eval", "longvq-compare",
+    "longvq-demo", "longvq-benchmark", "longvq-export", "longvq-verify", "longvq-card", "longvq-train-clm",
+    "longvq-train", "longvq-eval", "longvq-compare",
 }  # fmt: skip
 
 

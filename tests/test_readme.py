@@ -31,6 +31,7 @@ TASKS = "--set data.num_train=16 --set data.num_validation=8 --set data.num_test
 SMALLER = {
     "longvq-demo": "--steps 4 --eval-every 2 --sample-bytes 16 --batch-size 4 --seq-len 64",
     "longvq-export": "",
+    "longvq-verify": "",
     "longvq-train": f"--max-steps 2 {TASKS} --no-progress --cache-dir {{cache}}",
     "longvq-eval": "--cache-dir {cache}",
     "longvq-compare": "--tasks mqar --archs longvq --time-budget 1 --cache-dir {cache}",
@@ -38,7 +39,8 @@ SMALLER = {
     "lm_eval": "--limit 2",
 }
 CONSOLE_SCRIPTS = {
-    "longvq-demo": cli.demo, "longvq-export": cli.export, "longvq-train": cli.train, "longvq-eval": cli.evaluate,
+    "longvq-demo": cli.demo, "longvq-export": cli.export, "longvq-verify": cli.verify, "longvq-train": cli.train,
+    "longvq-eval": cli.evaluate,
     "longvq-compare": cli.compare, "longvq-benchmark": cli.benchmark,
 }  # fmt: skip
 

@@ -203,3 +203,15 @@ def test_heads_still_load_from_base_and_other_head_checkpoints(tiny_config, tmp_
     LongVQModel(tiny_config(bidirectional=True)).save_pretrained(tmp_path / "base")
     classifier = LongVQForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
     assert classifier.score.weight.shape == (3, 32)
+
+
+def test_verify_command_reports_each_file_and_names_a_changed_one(checkpoint, tmp_path, capsys):
+    from longvq import cli
+
+    folder, _ = checkpoint
+    assert cli.verify([str(folder)]) == 0
+    assert capsys.readouterr().out == f"verified   {folder / 'model.safetensors'}\n"
+    target = _copy(folder, tmp_path, "tampered", raw=_flip(-100))
+    assert cli.verify([str(target)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("longvq-verify: error: ") and str(target / "model.safetensors") in error
