@@ -199,7 +199,7 @@ def install_in_hub_cache(
 
 
 def main(argv=None) -> None:
-    """`python scripts/export_checkpoint.py CHECKPOINT OUT ...`: export a local causal-LM checkpoint for the Hub."""
+    """`longvq-export CHECKPOINT OUT ...`: export a local causal-LM checkpoint for the Hub."""
     import argparse
 
     import torch
