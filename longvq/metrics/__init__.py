@@ -65,6 +65,21 @@ def scored_tokens(predictions, references, ignore_index: int = IGNORE_INDEX, dty
     return flat_predictions[scored], flat_references[scored]
 
 
+def metric_info(description: str, inputs_description: str, features):
+    """The `evaluate.MetricInfo` of one of these modules (no citation: they are this package's own)."""
+    import evaluate
+
+    return evaluate.MetricInfo(
+        description=description, citation="", inputs_description=inputs_description, features=features
+    )
+
+
+def mean_negative_log_likelihood(predictions, references, ignore_index: int = IGNORE_INDEX) -> float:
+    """Mean per-token negative log-likelihood (nats) over the scored positions (`scored_tokens`); NaN with none."""
+    negative_log_likelihoods, _ = scored_tokens(predictions, references, ignore_index=ignore_index)
+    return float(negative_log_likelihoods.mean()) if negative_log_likelihoods.size else math.nan
+
+
 def token_features():
     """The input features of the token-level modules: per sequence, float64 values and int64 target ids."""
     import datasets

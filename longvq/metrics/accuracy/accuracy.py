@@ -7,7 +7,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from longvq.metrics import IGNORE_INDEX, scored_tokens
+from longvq.metrics import IGNORE_INDEX, metric_info, scored_tokens
 
 _DESCRIPTION = """
 Accuracy: the fraction of scored predictions equal to their reference. A reference equal to `ignore_index`
@@ -41,12 +41,7 @@ class Accuracy(evaluate.Metric):
             raise ValueError(f"Unknown accuracy config {self.config_name!r}; choose one of {CONFIGS}.")
         label = datasets.Value("int64")
         feature = datasets.Sequence(label) if self.config_name == "tokens" else label
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": feature, "references": feature}),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, datasets.Features({"predictions": feature, "references": feature}))
 
     def _compute(self, predictions, references, ignore_index=IGNORE_INDEX):
         rows = (predictions, references) if self.config_name == "tokens" else ([predictions], [references])

@@ -5,7 +5,7 @@ import math
 
 import evaluate
 
-from longvq.metrics import IGNORE_INDEX, scored_tokens, token_features
+from longvq.metrics import IGNORE_INDEX, metric_info, mean_negative_log_likelihood, token_features
 
 _DESCRIPTION = """
 Bits per byte: the mean negative log-likelihood per scored token in bits (nats / ln 2), pooled over all
@@ -31,15 +31,7 @@ Example:
 
 class BitsPerByte(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=token_features(),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, token_features())
 
     def _compute(self, predictions, references, ignore_index=IGNORE_INDEX):
-        negative_log_likelihoods, _ = scored_tokens(predictions, references, ignore_index=ignore_index)
-        if not negative_log_likelihoods.size:
-            return {"bits_per_byte": math.nan}
-        return {"bits_per_byte": float(negative_log_likelihoods.mean()) / math.log(2)}
+        return {"bits_per_byte": mean_negative_log_likelihood(predictions, references, ignore_index) / math.log(2)}

@@ -6,7 +6,7 @@ import math
 import evaluate
 import numpy as np
 
-from longvq.metrics import code_count_features, code_count_rows, per_codebook
+from longvq.metrics import code_count_features, code_count_rows, metric_info, per_codebook
 
 _DESCRIPTION = """
 Codebook perplexity of a vector quantizer: exp of the entropy (nats) of its code assignment frequencies, i.e. the
@@ -39,12 +39,7 @@ def _perplexity(counts: np.ndarray) -> float:
 
 class CodebookPerplexity(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=code_count_features(),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, code_count_features())
 
     def _compute(self, code_counts):
         perplexities = [_perplexity(counts) for counts in code_count_rows(code_counts)]

@@ -4,7 +4,7 @@
 
 import evaluate
 
-from longvq.metrics import code_count_features, code_count_rows, per_codebook
+from longvq.metrics import code_count_features, code_count_rows, metric_info, per_codebook
 
 _DESCRIPTION = """
 Codebook usage of a vector quantizer: the fraction of its codes that were assigned at least one token. The input
@@ -28,12 +28,7 @@ Example:
 
 class CodebookUsage(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=code_count_features(),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, code_count_features())
 
     def _compute(self, code_counts):
         usages = [float((counts > 0).mean()) for counts in code_count_rows(code_counts)]

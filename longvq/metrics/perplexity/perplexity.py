@@ -1,12 +1,11 @@
 """Perplexity from per-token negative log-likelihoods, as a Hugging Face `evaluate` module shipped with LongVQ (load
 it with `longvq.metrics.load("perplexity")` or `evaluate.load(<this folder>)`; no network needed)."""
 
-import math
 
 import evaluate
 import numpy as np
 
-from longvq.metrics import IGNORE_INDEX, scored_tokens, token_features
+from longvq.metrics import IGNORE_INDEX, metric_info, mean_negative_log_likelihood, token_features
 
 _DESCRIPTION = """
 Perplexity of a language model: exp of its mean negative log-likelihood (cross-entropy, in nats) per scored
@@ -34,16 +33,10 @@ Example:
 
 class Perplexity(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=token_features(),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, token_features())
 
     def _compute(self, predictions, references, ignore_index=IGNORE_INDEX):
-        negative_log_likelihoods, _ = scored_tokens(predictions, references, ignore_index=ignore_index)
-        cross_entropy = float(negative_log_likelihoods.mean()) if negative_log_likelihoods.size else math.nan
+        cross_entropy = mean_negative_log_likelihood(predictions, references, ignore_index)
         with np.errstate(over="ignore"):
             perplexity = float(np.exp(cross_entropy))
         return {"perplexity": perplexity, "cross_entropy": cross_entropy}
