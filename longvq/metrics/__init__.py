@@ -65,6 +65,15 @@ def scored_tokens(predictions, references, ignore_index: int = IGNORE_INDEX, dty
     return flat_predictions[scored], flat_references[scored]
 
 
+# The arguments of the modules that score per-token negative log-likelihoods (perplexity, bits_per_byte).
+TOKEN_NLL_ARGUMENTS = """Args:
+    predictions: one row per sequence: the negative log-likelihood (nats) the model gives each target token.
+    references: one row per sequence, aligned with `predictions`: the target token ids; positions equal to
+        `ignore_index` are not scored (their prediction is ignored).
+    ignore_index: reference value of unscored positions (default -100).
+"""
+
+
 def metric_info(description: str, inputs_description: str, features):
     """The `evaluate.MetricInfo` of one of these modules (no citation: they are this package's own)."""
     import evaluate
@@ -84,9 +93,8 @@ def token_features():
     """The input features of the token-level modules: per sequence, float64 values and int64 target ids."""
     import datasets
 
-    return datasets.Features(
-        {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Sequence(datasets.Value("int64"))}
-    )
+    values, ids = datasets.Sequence(datasets.Value("float64")), datasets.Sequence(datasets.Value("int64"))
+    return datasets.Features({"predictions": values, "references": ids})
 
 
 def code_count_features():
@@ -114,6 +122,6 @@ def code_count_rows(code_counts) -> list[np.ndarray]:
 
 
 __all__ = [
-    "IGNORE_INDEX", "METRIC_NAMES", "code_count_features", "code_count_rows", "load", "path", "per_codebook",
-    "scored_tokens", "token_features",
+    "IGNORE_INDEX", "METRIC_NAMES", "TOKEN_NLL_ARGUMENTS", "code_count_features", "code_count_rows", "load",
+    "mean_negative_log_likelihood", "metric_info", "path", "per_codebook", "scored_tokens", "token_features",
 ]  # fmt: skip

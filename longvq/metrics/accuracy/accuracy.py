@@ -41,7 +41,8 @@ class Accuracy(evaluate.Metric):
             raise ValueError(f"Unknown accuracy config {self.config_name!r}; choose one of {CONFIGS}.")
         label = datasets.Value("int64")
         feature = datasets.Sequence(label) if self.config_name == "tokens" else label
-        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, datasets.Features({"predictions": feature, "references": feature}))
+        features = datasets.Features({"predictions": feature, "references": feature})
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, features)
 
     def _compute(self, predictions, references, ignore_index=IGNORE_INDEX):
         rows = (predictions, references) if self.config_name == "tokens" else ([predictions], [references])

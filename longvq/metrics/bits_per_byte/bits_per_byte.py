@@ -5,7 +5,7 @@ import math
 
 import evaluate
 
-from longvq.metrics import IGNORE_INDEX, metric_info, mean_negative_log_likelihood, token_features
+from longvq.metrics import IGNORE_INDEX, TOKEN_NLL_ARGUMENTS, metric_info, mean_negative_log_likelihood, token_features
 
 _DESCRIPTION = """
 Bits per byte: the mean negative log-likelihood per scored token in bits (nats / ln 2), pooled over all
@@ -14,13 +14,7 @@ other tokenizers it is bits per token. The inputs are per-token negative log-lik
 `perplexity` module. Tokens whose reference is `ignore_index` (default -100) are not scored.
 """
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: one row per sequence: the negative log-likelihood (nats) the model gives each target token.
-    references: one row per sequence, aligned with `predictions`: the target token ids; positions equal to
-        `ignore_index` are not scored (their prediction is ignored).
-    ignore_index: reference value of unscored positions (default -100).
-Returns:
+_KWARGS_DESCRIPTION = TOKEN_NLL_ARGUMENTS + """Returns:
     bits_per_byte: mean negative log-likelihood per scored token / ln 2; NaN when no position is scored.
 Example:
     >>> bits_per_byte = longvq.metrics.load("bits_per_byte")

@@ -5,7 +5,7 @@ it with `longvq.metrics.load("perplexity")` or `evaluate.load(<this folder>)`; n
 import evaluate
 import numpy as np
 
-from longvq.metrics import IGNORE_INDEX, metric_info, mean_negative_log_likelihood, token_features
+from longvq.metrics import IGNORE_INDEX, TOKEN_NLL_ARGUMENTS, metric_info, mean_negative_log_likelihood, token_features
 
 _DESCRIPTION = """
 Perplexity of a language model: exp of its mean negative log-likelihood (cross-entropy, in nats) per scored
@@ -15,13 +15,7 @@ token, pooled over all sequences. The inputs are the model's per-token negative 
 `ignore_index` (default -100) are not scored.
 """
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: one row per sequence: the negative log-likelihood (nats) the model gives each target token.
-    references: one row per sequence, aligned with `predictions`: the target token ids; positions equal to
-        `ignore_index` are not scored (their prediction is ignored).
-    ignore_index: reference value of unscored positions (default -100).
-Returns:
+_KWARGS_DESCRIPTION = TOKEN_NLL_ARGUMENTS + """Returns:
     perplexity: exp(cross_entropy) (inf if that overflows); NaN when no position is scored.
     cross_entropy: mean negative log-likelihood per scored token, in nats; NaN when no position is scored.
 Example:
