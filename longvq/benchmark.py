@@ -86,6 +86,8 @@ class TrainResult:
     peak_memory_bytes: int  # peak resident memory while training minus resident memory before the first step
     flops_per_step: float | None = None  # LongVQ only: `longvq_train_flops`
     achieved_flops: float | None = None  # flops_per_step / seconds_per_step
+    compiled: bool = False  # `torch.compile(model, fullgraph=True, dynamic=False)`, inductor
+    compile_seconds: float | None = None  # compiled only: the first step's time less a timed step's
 
 
 def longvq_train_flops(config: LongVQConfig, length: int) -> float:
@@ -124,23 +126,38 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_resident_bytes() -> None:
+    """Restart this process's high-water resident memory (Linux `clear_refs`) at its current resident memory."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_resident_bytes() -> int:
+    """This process's high-water resident memory since the last `_reset_peak_resident_bytes` (Linux `VmHWM`)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def measure_train_point(
     name: str, length: int, hidden_size: int = 256, num_layers: int = 4, min_seconds: float = 3.0,
-    max_steps: int = 5, seed: int = 0,
+    max_steps: int = 5, seed: int = 0, compile: bool = False,
 ) -> TrainResult:
     """Time forward + backward of one model on one random batch of `length` tokens, in this process: one warm-up
     step, then steps until `min_seconds` have passed (at most `max_steps`); the median step is reported (a warm-up
-    step slower than `SLOW_STEP_SECONDS` is reported itself). Peak memory is this process's high-water resident
-    memory over the steps, less its resident memory before them."""
+    step slower than `SLOW_STEP_SECONDS` is reported itself, unless compiled). Peak memory is this process's
+    high-water resident memory over the steps after the warm-up, less its resident memory before them (so neither
+    the compiler's own memory nor a slow warm-up step's counts). `compile`: the model runs
+    through `torch.compile(fullgraph=True, dynamic=False)` (inductor); the warm-up step compiles it, and its time
+    less the median step is reported as the compile time (inductor's on-disk caches may shorten it on a rerun)."""
     base, _, checkpointing = name.partition("+")
     model = benchmark_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
     if checkpointing:
         enable_activation_checkpointing(model)
+    call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-    baseline = _resident_bytes()
 
     def step():
-        model(ids, labels=ids, use_cache=False).loss.backward()
+        call(ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
 
     def timed_step():
@@ -149,18 +166,21 @@ def measure_train_point(
         return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
 
     warm_up, warm_up_system = timed_step()
-    times, system = ([warm_up], warm_up_system) if warm_up > SLOW_STEP_SECONDS else ([], 0.0)
+    baseline = _resident_bytes()  # after the warm-up step: the model, its gradients' absence and any compiled code
+    _reset_peak_resident_bytes()
+    times, system = ([warm_up], warm_up_system) if warm_up > SLOW_STEP_SECONDS and not compile else ([], 0.0)
     while len(times) < max(1, max_steps) and (sum(times) < min_seconds or not times):
         seconds, system_seconds = timed_step()
         times.append(seconds)
         system += system_seconds
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    peak = _peak_resident_bytes() - baseline
     seconds = sorted(times)[len(times) // 2]
     flops = longvq_train_flops(model.config, length) if base == "longvq" else None
     return TrainResult(
         model=name, length=length, hidden_size=hidden_size, parameters=count_parameters(model),
         seconds_per_step=seconds, tokens_per_second=length / seconds, system_seconds_per_step=system / len(times),
         peak_memory_bytes=max(peak, 0), flops_per_step=flops, achieved_flops=flops / seconds if flops else None,
+        compiled=compile, compile_seconds=warm_up - seconds if compile else None,
     )  # fmt: skip
 
 
@@ -371,6 +391,8 @@ def _print_targets(targets: dict):
 def _train(args) -> dict:
     sizes = {"hidden_size": args.hidden_size, "num_layers": args.layers, "min_seconds": args.min_seconds}
     sizes["threads"] = args.threads
+    if args.compile:
+        sizes["compile"] = True
     results = run_train(
         args.lengths, tuple(args.models), args.mamba_lengths, args.checkpointing_lengths, args.max_llama_length, **sizes
     )
@@ -430,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
             mode.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per point (>= 1 step)")
             mode.add_argument("--flops-hidden-size", type=int, default=512, help="width of the FLOP/s point (0: skip)")
             mode.add_argument("--flops-length", type=int, default=16384)
+            mode.add_argument(
+                "--compile", action="store_true",
+                help="run every model through torch.compile(fullgraph=True, dynamic=False) and report compile times",
+            )  # fmt: skip
         if name in ("decode", "all"):
             mode.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
             mode.add_argument("--steps", type=int, default=32, help="timed decoding steps per context (median)")

@@ -1,14 +1,21 @@
 """`torch.compile(model, fullgraph=True)` traces a LongVQ training forward (and its backward) without graph breaks:
 the forward has no host synchronisation and no Python branch on tensor values when compiling (input value checks run
-in eager mode only), and the compiled step computes what the eager one does."""
+in eager mode only), and the compiled step computes what the eager one does: plain, through the segmented long-input
+path with activation checkpointing, and inside `Trainer(torch_compile=True)`. Lengths bucketed by padding to a multiple
+of the chunk size share one compiled graph."""
 
 import copy
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+from transformers import DataCollatorWithPadding
 
 from helpers import tiny_config
 from longvq import LongVQForCausalLM, LongVQForSequenceClassification
+from longvq.tokenization import byte_tokenizer
+from longvq.training import byte_lm_datasets, enable_activation_checkpointing, train_causal_lm
 
 
 def _loss_and_gradients(model, call, **inputs):
@@ -44,3 +51,57 @@ def test_a_training_step_compiles_with_fullgraph_and_matches_eager(head):
     assert actual[2].keys() == expected[2].keys()
     for name, gradient in expected[2].items():
         torch.testing.assert_close(actual[2][name], gradient, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_segmented_path_with_activation_checkpointing_compiles_and_matches_eager():
+    torch.manual_seed(0)
+    config = tiny_config(chunk_size=4, segment_length=8, num_hidden_layers=1)
+    eager = LongVQForCausalLM(config).train().freeze_codebooks()
+    enable_activation_checkpointing(eager)
+    compiled_model = copy.deepcopy(eager)
+    ids = torch.randint(1, 50, (2, 13))  # two pieces of 8 tokens, the second one partial
+    inputs = {"input_ids": ids, "labels": ids}
+    expected = _loss_and_gradients(eager, eager, **inputs)
+    actual = _loss_and_gradients(compiled_model, torch.compile(compiled_model, fullgraph=True, backend="aot_eager"), **inputs)
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+    for name, gradient in expected[2].items():
+        torch.testing.assert_close(actual[2][name], gradient, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_lengths_padded_to_a_multiple_of_the_chunk_size_share_one_compiled_graph():
+    """The bucketing recipe: a collator with `pad_to_multiple_of=config.chunk_size` turns batches of 9, 10 and 12
+    tokens into one shape, so the model compiles once, and each real token's logits are those of the unpadded input."""
+    torch.manual_seed(0)
+    model = LongVQForCausalLM(tiny_config(vocab_size=258, chunk_size=4)).eval()
+    collator = DataCollatorWithPadding(byte_tokenizer(padding_side="right"), pad_to_multiple_of=model.config.chunk_size)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    for length in (9, 10, 12):
+        rows = [torch.randint(0, 256, (length - shorter,)).tolist() for shorter in (0, 2)]
+        batch = collator([{"input_ids": row} for row in rows])
+        assert batch["input_ids"].shape == (2, 12)
+        with torch.no_grad():
+            logits = compiled(**batch, use_cache=False).logits
+            for index, row in enumerate(rows):
+                alone = model(torch.tensor([row]), use_cache=False).logits[0]
+                torch.testing.assert_close(logits[index, : len(row)], alone, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_trainer_with_torch_compile_trains_one_graph_like_eager(tmp_path):
+    data = byte_lm_datasets(block_size=16, seed=0)
+    data = {"train": data["train"].select(range(24)), "validation": data["validation"].select(range(4))}
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        run = train_causal_lm(
+            str(tmp_path / str(compiled)), model=LongVQForCausalLM(tiny_config(vocab_size=256)), datasets=data,
+            max_steps=3, per_device_train_batch_size=4, evaluate=False, save_final_model=False, logging_steps=1,
+            torch_compile=compiled, torch_compile_backend="aot_eager", report_to=[],
+        )  # fmt: skip
+        losses[compiled] = run.losses
+    assert counters["stats"]["unique_graphs"] == 1  # compiled, without a graph break or recompile across steps
+    assert not counters["graph_break"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
