@@ -7,7 +7,9 @@ and depth), measured side by side in one run.
     machine's measured fp32 matmul peak (`FLOP model` in `longvq_train_flops`).
 `decode`: per-token latency and decoding-state bytes versus context length, LongVQ (`LongVQCache`) against HF Llama
     (SDPA attention, `DynamicCache`). Each context is prefilled once (not timed per token), then `steps` single-token
-    steps are timed and the median is reported.
+    steps are timed and the median is reported. `--compile` times both decoding steps compiled
+    (`torch.compile(fullgraph=True, dynamic=False)`, inductor), Llama's with the `StaticCache` transformers compiles
+    it with.
 `all`: both, into one folder (JSON, PNG plots) with one summary of the targets.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StaticCache
 
 from .configuration_longvq import LongVQConfig
 from .experiments.baselines import Reference, build_baseline, count_parameters
@@ -289,22 +292,29 @@ class DecodeResult:
     ms_per_token: float
     state_bytes: int
     prefill_seconds: float
+    compiled: bool = False
 
 
 @torch.inference_mode()
-def measure_decode(model, context: int, steps: int = 32, warmup: int = 4, seed: int = 0) -> tuple[float, int, float]:
-    """Prefill `context` random tokens, then time single-token greedy steps. Returns (median ms per token, state
-    bytes after the steps, prefill seconds)."""
+def measure_decode(
+    model, context: int, steps: int = 32, warmup: int = 4, seed: int = 0, compile: bool = False
+) -> tuple[float, int, float]:
+    """Prefill `context` random tokens, then time single-token greedy steps (compiled with `compile`: the warm-up
+    steps compile them; a model whose cache grows, Llama, then decodes into a `StaticCache` sized for the run).
+    Returns (median ms per token, state bytes after the steps, prefill seconds)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=generator)
+    static = compile and model.config.model_type != "longvq"
+    cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + 1) if static else None
     start = time.perf_counter()
-    out = model(ids, use_cache=True, logits_to_keep=1)
+    out = model(ids, use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache})
     prefill = time.perf_counter() - start
     cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
+    step_call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        out = model(token, use_cache=True, **{CACHE_NAME: cache})  # the cache argument's name in this transformers
+        out = step_call(token, use_cache=True, **{CACHE_NAME: cache})  # the cache argument's name in this transformers
         elapsed = time.perf_counter() - start
         cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
         if step >= warmup:
@@ -313,13 +323,13 @@ def measure_decode(model, context: int, steps: int = 32, warmup: int = 4, seed: 
     return 1e3 * times[len(times) // 2], state_bytes(cache), prefill
 
 
-def run_decode(contexts=DEFAULT_CONTEXTS, steps=32, models=None, **model_kwargs) -> list[DecodeResult]:
+def run_decode(contexts=DEFAULT_CONTEXTS, steps=32, models=None, compile=False, **model_kwargs) -> list[DecodeResult]:
     models = models or benchmark_models(**model_kwargs)
     results = []
     work = [(name, context) for context in contexts for name in models]
     for name, context in tqdm(work, desc="decode benchmark"):
-        ms, nbytes, prefill = measure_decode(models[name], context, steps)
-        results.append(DecodeResult(name, context, ms, nbytes, prefill))
+        ms, nbytes, prefill = measure_decode(models[name], context, steps, compile=compile)
+        results.append(DecodeResult(name, context, ms, nbytes, prefill, compile))
     return results
 
 
@@ -419,8 +429,8 @@ def _train(args) -> dict:
 
 def _decode(args) -> dict:
     results = run_decode(
-        args.contexts, args.steps, hidden_size=args.hidden_size, num_layers=args.layers, chunk_size=args.chunk_size,
-        codebook_size=args.codebook_size,
+        args.contexts, args.steps, compile=args.compile, hidden_size=args.hidden_size, num_layers=args.layers,
+        chunk_size=args.chunk_size, codebook_size=args.codebook_size,
     )  # fmt: skip
     plot_decode(results, os.path.join(args.out, "decode.png"))
     print(decode_table(results))
@@ -440,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument("--layers", type=int, default=4)
         mode.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
         mode.add_argument("--out", default="outputs/benchmark", help="folder for the JSON file and PNG plots")
+        mode.add_argument(
+            "--compile", action="store_true",
+            help="every model through torch.compile(fullgraph=True, dynamic=False), inductor: training steps (compile "
+            "times reported) and decoding steps (Llama with a StaticCache)",
+        )  # fmt: skip
         if name in ("train", "all"):
             mode.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_TRAIN_LENGTHS))
             mode.add_argument("--models", nargs="+", default=list(TRAIN_MODELS), choices=TRAIN_MODELS)
@@ -452,10 +467,6 @@ def build_parser() -> argparse.ArgumentParser:
             mode.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per point (>= 1 step)")
             mode.add_argument("--flops-hidden-size", type=int, default=512, help="width of the FLOP/s point (0: skip)")
             mode.add_argument("--flops-length", type=int, default=16384)
-            mode.add_argument(
-                "--compile", action="store_true",
-                help="run every model through torch.compile(fullgraph=True, dynamic=False) and report compile times",
-            )  # fmt: skip
         if name in ("decode", "all"):
             mode.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
             mode.add_argument("--steps", type=int, default=32, help="timed decoding steps per context (median)")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .ops_longvq import VQAttentionState
+from .ops_longvq import EMPTY_LOGIT, VQAttentionState, code_value_sums, memory_logit_offsets
 
 # The name of the decoding state in forward()/generate() arguments and in model outputs: transformers 5.24 renamed it
 # from `past_key_values` to `cache` (outputs keep a deprecated alias). Arguments accept both names; outputs and
@@ -40,17 +40,29 @@ class LongVQLayerCarry:
 
 @dataclass
 class LongVQDecodePlan:
-    """What every layer of one single-token decoding step shares, computed once per step by `LongVQCache.plan`."""
+    """What every layer of one single-token decoding step shares, computed once per step by `LongVQCache.plan`:
+    tensors only, so a step neither synchronises with the host nor branches on values (it can be compiled whole or
+    captured as a CUDA graph).
+
+    The window's 2C slots are a ring of two halves: block n lives in half n % 2, so a new block overwrites the block
+    before the previous one, one slot per step, instead of shifting the window."""
 
     rows: torch.Tensor  # (B,) 0..B-1
-    slot: torch.Tensor  # (B,) position of the new token inside its block
     real: torch.Tensor  # (B,) bool, the new token is not padding
-    all_real: bool
-    starts_block: torch.Tensor  # (B,) bool, a real token at slot 0: the window moves on by one block
-    any_starts_block: bool
+    write: torch.Tensor  # (B,) the window slot of the new token: C * (its block % 2) + its position in the block
+    offsets: torch.Tensor  # (B, 2C) long, i - j from the new token to each window slot's token (0 outside the window)
+    in_window: torch.Tensor  # (B, 2C) bool, the slot's token is in the new token's window (see `LongVQLayerState`)
 
 
-_EMPTY = torch.finfo(torch.float32).min  # logit offset of an empty slot: exp underflows to exactly 0
+def _last_block_is_even(positions: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(B,) bool: the block of each row's last token (of `positions[b]` tokens seen) is even, so in the ring of
+    window halves it is the first half."""
+    return (positions - 1).clamp(min=0) // chunk_size % 2 == 0
+
+
+def _swap_halves_where(t: torch.Tensor, swap: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """t (B, 2C, ...) with its two halves of C slots swapped in the rows where `swap` (B,) bool is True."""
+    return torch.where(swap.view(-1, *([1] * (t.dim() - 1))), t.roll(chunk_size, 1), t)
 
 
 # The config fields that fix the shapes of a `LongVQCache`; a cache must agree with the model on all of them.
@@ -65,30 +77,45 @@ _NO_ROLLBACK = (
 )
 
 
+def _static_address(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark a state tensor that decoding steps update in place as living at a fixed address, so that a compiled step
+    captured as a CUDA graph reads and writes it where it is (as transformers' StaticCache does); eager mode only."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(tensor)
+    return tensor
+
+
 class LongVQLayerState(CacheLayerMixin):
     """One layer's decoding state, a transformers cache layer whose size depends on the batch and the config only,
     never on the number of tokens seen.
 
-    A decoding step attends over it as it is stored (`ops_longvq.vq_attention_step`); a block-parallel call (prefill)
-    takes it as a `LongVQLayerCarry` (`carry`) and gives back the state after its tokens (`store`). The joint layout
-    is kept for the steps, which are most of decoding: building it from the carry's window and memory at every step
-    would copy the 2C + S value rows of every layer once per token (measured for C = S = 256, H = 512, one thread:
-    0.32 ms per layer per step, about a quarter of a 4-layer model's ~5.5 ms decoding step).
+    A decoding step attends over it as it is stored and updates it in place (`ops_longvq.vq_attention_step`); a
+    block-parallel call (prefill) takes it as a `LongVQLayerCarry` (`carry`) and gives back the state after its
+    tokens (`store`). The joint layout is kept for the steps, which are most of decoding: building it from the carry's
+    window and memory at every step would copy the 2C + S value rows of every layer once per token (measured for
+    C = S = 256, H = 512, one thread: 0.32 ms per layer per step, about a quarter of a 4-layer model's ~5.5 ms decoding
+    step).
 
     Stored in the joint layout the decode step attends over, 2C window slots followed by S memory entries:
-      - keys (B, 2C + S) long: the key of every slot as its code (a quantized key is the codeword it names): the
-        previous block's tokens (slots [0, C)), the current block's (slots [C, 2C)), then the memory's codes 0..S-1;
-      - values (B, 2C + S, H): the window's values, then the memory's per-code value means;
+      - keys (B, 2C + S) long: the key of every slot as its code (a quantized key is the codeword it names), then the
+        memory's codes 0..S-1;
+      - values (B, 2C + S, H): the window slots' values, then the memory's per-code value means;
       - logit_offsets (B, 2C + S) float32: 0 for a filled window slot, log N_s for a memory code with N_s > 0,
         and a huge negative number for empty entries;
-      - memory_counts (B, S) float32: per-code token counts N_s of all blocks before the window;
-      - ema (B, D, N) float32: the EMA recurrence state (None until the first tokens set it).
+      - memory_counts (B, S) float32: per-code token counts N_s of the tokens folded into the memory;
+      - ema (B, D, N) float32: the EMA recurrence state.
+    The window slots are a ring of two halves of C slots: block n's tokens live in half n % 2. The token at position
+    s of block n overwrites slot s of its half, which held the token at position s of block n - 2; that token is
+    folded into its code's count and mean in the same step. So after the step the half holds block n up to the token,
+    and in its later slots the rest of block n - 2, which belongs to the memory: the step attends to those slots like
+    memory entries (no positional bias; `LongVQDecodePlan.in_window` is False there). One token is folded per step, so
+    every step does the same work, and no block is ever shifted.
 
-    The VQ-attention ops read and write these tensors (`window`, `memory`, `set_window`, `set_memory`); transformers'
-    key/value `update` protocol, which returns the whole key/value history, does not apply to a constant-size state.
+    Every tensor is allocated once, on the first tokens, and only written in place afterwards (also `seen_tokens`, a
+    tensor), which is what lets a compiled decoding step run as a CUDA graph.
     """
 
-    is_compileable = False
+    is_compileable = True
     is_croppable = False
     is_sliding = False
     supports_early_init = False  # the shapes come from the config, not from key/value states
@@ -96,23 +123,27 @@ class LongVQLayerState(CacheLayerMixin):
 
     def __init__(self, config):
         super().__init__()
+        self.chunk_size = config.chunk_size
         self.window_size = 2 * config.chunk_size
         self.codebook_size = config.codebook_size
         self.value_size = config.intermediate_size
-        self.logit_offsets = self.memory_counts = self.ema = None
+        self.ema_shape = (config.hidden_size, config.ema_projection_size)
+        self.logit_offsets = self.memory_counts = self.ema = self.seen_tokens = None
         self.device = None
-        self.seen_tokens = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """An empty window and memory for the batch, device and dtype of the first tokens' codes (B, T) and values
-        (B, T, H); `ema` stays None until the first tokens set it."""
+        """An empty state for the batch, device and dtype of the first tokens' codes (B, T) and values (B, T, H)."""
         batch, device = key_states.shape[0], key_states.device
         size = self.window_size + self.codebook_size
         self.keys = torch.zeros(batch, size, dtype=torch.long, device=device)
         self.keys[:, self.window_size :] = torch.arange(self.codebook_size, device=device)
         self.values = torch.zeros(batch, size, self.value_size, device=device, dtype=value_states.dtype)
-        self.logit_offsets = torch.full((batch, size), _EMPTY, device=device)
+        self.logit_offsets = torch.full((batch, size), EMPTY_LOGIT, device=device)
         self.memory_counts = torch.zeros(batch, self.codebook_size, device=device)
+        self.ema = torch.zeros(batch, *self.ema_shape, device=device)
+        self.seen_tokens = torch.zeros((), dtype=torch.long, device=device)
+        for tensor in (*self.tensors(), self.seen_tokens):
+            _static_address(tensor)
         self.device = device
         self.is_initialized = True
 
@@ -123,60 +154,60 @@ class LongVQLayerState(CacheLayerMixin):
         )
 
     def get_seq_length(self) -> int:
-        return self.seen_tokens
+        return int(self.seen_tokens) if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     get_max_cache_shape = get_max_length  # its name before transformers 5.13, abstract there
 
-    def window(self):
-        """codes (B, 2C), values (B, 2C, H), mask (B, 2C) bool."""
+    def _window_in_block_order(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ring's two halves as [block before the last token's | the last token's block] (a swap of the halves
+        where that block is even): codes (B, 2C), values (B, 2C, H), filled (B, 2C) bool. Swapping is its own
+        inverse, so `store` uses it the other way round."""
         w = self.window_size
-        return self.keys[:, :w], self.values[:, :w], self.logit_offsets[:, :w] >= 0
-
-    def memory(self):
-        """counts (B, S) float32, value means (B, S, H)."""
-        return self.memory_counts, self.values[:, self.window_size :]
-
-    def set_window(self, codes, values, mask):
-        w = self.window_size
-        self.keys = torch.cat([codes, self.keys[:, w:]], dim=1)
-        self.values = torch.cat([values.to(self.values.dtype), self.values[:, w:]], dim=1)
-        window_offsets_ = torch.where(mask, 0.0, _EMPTY)
-        self.logit_offsets = torch.cat([window_offsets_, self.logit_offsets[:, w:]], dim=1)
-
-    def set_memory(self, counts, means):
-        w = self.window_size
-        self.memory_counts = counts
-        self.values = torch.cat([self.values[:, :w], means.to(self.values.dtype)], dim=1)
-        memory_offsets = torch.where(counts > 0, counts.clamp(min=1).log(), _EMPTY)
-        self.logit_offsets = torch.cat([self.logit_offsets[:, :w], memory_offsets], dim=1)
+        return tuple(
+            _swap_halves_where(t, _last_block_is_even(positions, self.chunk_size), self.chunk_size)
+            for t in (self.keys[:, :w], self.values[:, :w], self.logit_offsets[:, :w] >= 0)
+        )
 
     def carry(self, codebook: torch.Tensor, positions: torch.Tensor):
-        """The state as a block-parallel call continues it, a `LongVQLayerCarry` (both parts None before the first
-        tokens): the window's keys are the codewords of its codes; memory sums come from the stored means, in
-        >= float32 (bf16 holds integers exactly only up to 256)."""
-        if self.ema is None:
+        """The state as a block-parallel call continues it after each row's `positions[b]` tokens, a
+        `LongVQLayerCarry` (both parts None before the first tokens): the window's keys are the codewords of its codes;
+        the memory adds the ring's unfolded slots to the stored counts and means, as sums in >= float32 (bf16 holds
+        integers exactly only up to 256)."""
+        if not self.is_initialized:
             return LongVQLayerCarry()
-        codes, values, mask = self.window()
-        counts, means = self.memory()
-        sums = means.to(torch.promote_types(means.dtype, torch.float32)) * counts.unsqueeze(-1)
-        attention = VQAttentionState(F.embedding(codes, codebook), codes, values, mask, counts, sums, positions)
+        codes, values, filled = self._window_in_block_order(positions)
+        last_slot = self.chunk_size + (positions - 1) % self.chunk_size  # in the window, in block order
+        unfolded = filled & (torch.arange(self.window_size, device=codes.device) > last_slot[:, None])
+        counts, sums = code_value_sums(codes, values, unfolded, self.codebook_size)
+        means = self.values[:, self.window_size :]
+        sums = sums + means.to(sums.dtype) * self.memory_counts.unsqueeze(-1)
+        attention = VQAttentionState(
+            F.embedding(codes, codebook), codes, values, filled & ~unfolded, self.memory_counts + counts, sums,
+            positions,
+        )  # fmt: skip
         return LongVQLayerCarry(self.ema, attention)
 
     def store(self, ema: torch.Tensor, attention: VQAttentionState):
-        """Take the state after a block-parallel call: the EMA state, and the window and memory of the VQ-attention
-        state into the joint layout (created on the first call, on the state's device)."""
+        """Take the state after a block-parallel call, written in place (allocated on the first call, on the
+        state's device): the EMA state, and the window and memory of the VQ-attention state into the joint layout."""
         if not self.is_initialized:
             self.lazy_initialization(attention.codes, attention.values)
-        self.ema = ema
-        self.set_window(attention.codes, attention.values, attention.mask)
-        means = attention.memory_sums / attention.memory_counts.clamp(min=1).unsqueeze(-1).to(attention.memory_sums.dtype)
-        self.set_memory(attention.memory_counts, means)
+        w = self.window_size
+        swap = _last_block_is_even(attention.positions, self.chunk_size)
+        self.ema.copy_(ema)
+        self.keys[:, :w] = _swap_halves_where(attention.codes, swap, self.chunk_size)
+        self.values[:, :w] = _swap_halves_where(attention.values, swap, self.chunk_size)
+        self.logit_offsets[:, :w] = torch.where(_swap_halves_where(attention.mask, swap, self.chunk_size), 0.0, EMPTY_LOGIT)
+        counts = attention.memory_counts
+        self.memory_counts.copy_(counts)
+        self.values[:, w:] = attention.memory_sums / counts.clamp(min=1).unsqueeze(-1).to(attention.memory_sums.dtype)
+        self.logit_offsets[:, w:] = memory_logit_offsets(counts)
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.state_names if getattr(self, name) is not None]
@@ -187,7 +218,8 @@ class LongVQLayerState(CacheLayerMixin):
                 setattr(self, name, fn(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        for tensor in self.tensors():  # in place: the tensors keep their addresses
+            tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -203,10 +235,9 @@ class LongVQLayerState(CacheLayerMixin):
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self):
-        for name in self.state_names:
+        for name in (*self.state_names, "seen_tokens"):
             setattr(self, name, None)
         self.is_initialized = False
-        self.seen_tokens = 0
 
     def crop(self, tokens_to_remove: int):
         raise ValueError(_NO_ROLLBACK)
@@ -223,7 +254,7 @@ class LongVQCache(Cache):
     are refused by `generate()`.
     """
 
-    is_compileable = False
+    is_compileable = True
     is_croppable = False
 
     def __init__(self, config=None, **kwargs):
@@ -251,23 +282,29 @@ class LongVQCache(Cache):
 
     def initialize(self, batch_size: int, device):
         """Start the per-row block positions; each layer initialises its own tensors on its own device."""
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.positions = _static_address(torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def plan(self, mask: torch.Tensor) -> LongVQDecodePlan:
         """The shared bookkeeping of a single-token decoding step; mask: (B,) bool, True for a real token."""
-        slot = self.positions.to(mask.device) % self.config.chunk_size
-        starts_block = mask & (slot == 0)
+        chunk_size, device = self.config.chunk_size, mask.device
+        positions = self.positions.to(device)
+        slot, half = (positions % chunk_size)[:, None], (positions // chunk_size % 2)[:, None]
+        window_slots = torch.arange(2 * chunk_size, device=device)
+        slot_half, slot_position = window_slots // chunk_size, window_slots % chunk_size
+        same_half = slot_half == half  # the new token's block, and after its position the block before the previous
+        in_window = ~same_half | (slot_position <= slot)
+        offsets = torch.where(same_half, slot - slot_position, chunk_size + slot - slot_position)
         return LongVQDecodePlan(
-            rows=torch.arange(mask.shape[0], device=mask.device), slot=slot, real=mask, all_real=bool(mask.all()),
-            starts_block=starts_block, any_starts_block=bool(starts_block.any()),
+            rows=torch.arange(mask.shape[0], device=device), real=mask, write=(half * chunk_size + slot)[:, 0],
+            offsets=offsets.clamp(min=0), in_window=in_window,
         )  # fmt: skip
 
     def advance(self, lengths: torch.Tensor, columns: int):
-        """Record that row b moved `lengths[b]` block positions (its real tokens) and the input had `columns`
-        columns."""
-        self.positions = self.positions + lengths.to(self.positions.device)
+        """Record, in place, that row b moved `lengths[b]` block positions (its real tokens) and the input had
+        `columns` columns."""
+        self.positions.add_(lengths.to(self.positions.device))
         for layer in self.layers:
-            layer.seen_tokens += columns
+            layer.seen_tokens.add_(columns)
 
     def reset(self):
         super().reset()
@@ -279,7 +316,7 @@ class LongVQCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
         if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+            self.positions.copy_(self.positions.index_select(0, beam_idx.to(self.positions.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)

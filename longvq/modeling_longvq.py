@@ -371,7 +371,8 @@ class LongVQGatedAttention(nn.Module):
         x = self.norm(hidden_states, mask) if self.config.normalize_before else hidden_states
         value = _dropout(F.silu(self.value_proj(x)), self.config.hidden_dropout, self.training)
         if plan is not None:
-            mixed, state.ema = self.ema.step(x, state.ema, plan.real)
+            mixed, ema = self.ema.step(x, state.ema, plan.real)
+            state.ema.copy_(ema)  # in place: a compiled step updates the state where it is
         else:
             initial_ema = None if state is None else state.ema
             mixed, final_ema = self.ema(x, mask, initial_ema, lengths, output_final_state=state is not None)
@@ -758,10 +759,12 @@ class LongVQModel(LongVQPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = self._prepare_cache(_cache_argument(cache, past_key_values), use_cache)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and past_length and attention_mask.dim() == 2:
+        continuing = cache is not None and cache.is_initialized  # the cache has seen tokens
+        if continuing and attention_mask is not None and attention_mask.dim() == 2:
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            if attention_mask.shape[1] == past_length + length:  # generate() passes the mask of the whole history
+            # generate() passes the mask of the whole history (a longer mask only: reading the number of tokens seen
+            # synchronises with the device)
+            if attention_mask.shape[1] > length and attention_mask.shape[1] == cache.get_seq_length() + length:
                 attention_mask = attention_mask[:, -length:]
         inputs_embeds = _validate_inputs(self.config, input_ids, inputs_embeds, attention_mask)
         if input_ids is not None:
@@ -790,7 +793,7 @@ class LongVQModel(LongVQPreTrainedModel):
             if not cache.is_initialized:
                 cache.initialize(batch, hidden_states.device)
             lengths = mask.sum(-1)  # each row's real tokens
-            if length == 1 and past_length > 0:  # a decoding step: O(1) recurrence in every layer
+            if length == 1 and continuing:  # a decoding step: O(1) recurrence in every layer
                 plan = cache.plan(mask[:, 0])
 
         # The codebooks are read here, outside the (possibly checkpointed) layers: a recompute in backward sees the
@@ -1024,6 +1027,12 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
             model_kwargs[CACHE_NAME] = LongVQCache(self.config)
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def create_masks_for_generate(self, inputs_embeds, attention_mask=None, **kwargs):
+        """The attention mask generate() passes with a compileable cache: LongVQ's state has no key/value history to
+        mask, so it is the 2-D padding mask of the input's columns only, and a compiled decoding step sees inputs of
+        one fixed shape at every step."""
+        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1] :]
 
     def forward(
         self,

@@ -575,54 +575,53 @@ def naive_vq_attention_rows(query, key, value, key_mask, position_bias, chunk_si
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+EMPTY_LOGIT = torch.finfo(torch.float32).min  # logit offset of an empty slot: exp underflows to exactly 0
+
+
+def memory_logit_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """The logit offsets of memory codes with counts N_s: log N_s, or `EMPTY_LOGIT` for a code no token has used."""
+    return torch.where(counts > 0, counts.clamp(min=1).log(), EMPTY_LOGIT)
+
+
 def vq_attention_step(query, value, codes, codebook, position_bias, chunk_size, state, plan, memory: bool = True):
-    """Causal VQ-attention for one new token per row against a decoding state, in O(2C + S) per token.
+    """Causal VQ-attention for one new token per row against a decoding state, in O(2C + S) per token, with the same
+    work at every step and no host synchronisation (so it can be compiled or captured as a CUDA graph).
 
-    When a row's token starts a new block, the oldest block of its window is folded into the memory and the current
-    block becomes the previous one; then the token is written into its slot and attends to window + memory with one
-    gather, one softmax and one matmul over the state's joint layout .
+    The state's window is a ring of two block halves (`cache_longvq.LongVQLayerState`): the token overwrites the slot
+    of the token C positions before its block's previous one, which is first folded into the memory (its code's count
+    and running mean; nothing for an empty slot or a padded row). Then the token attends to window + memory with one
+    gather, one softmax and one matmul over the state's joint layout: window slots get the positional bias, the ring's
+    not yet folded slots (`plan.in_window` False) and the memory codes do not.
     query (B, 1, Z), value (B, 1, H), codes (B, 1); `state` is the decoding state in its joint layout and `plan` the
-    step's shared bookkeeping (`cache_longvq.LongVQLayerState`, `LongVQDecodePlan`). Updates `state`; returns
-    (B, 1, H). `memory=False` attends to the window slots only.
+    step's shared bookkeeping (`cache_longvq.LongVQLayerState`, `LongVQDecodePlan`). Updates `state` in place;
+    returns (B, 1, H). `memory=False` attends to the window only.
     """
-    if plan.any_starts_block:
-        window_codes, window_values, window_mask = state.window()
-        old = window_mask[:, :chunk_size] & plan.starts_block[:, None]
-        counts, sums = code_value_sums(window_codes[:, :chunk_size], window_values[:, :chunk_size], old, codebook.shape[0])
-        memory_counts, memory_means = state.memory()
-        total = memory_counts + counts
-        means = (memory_means * memory_counts.unsqueeze(-1) + sums) / total.clamp(min=1).unsqueeze(-1)
-        state.set_memory(total, means.to(memory_means.dtype))
-        shift = plan.starts_block[:, None]
-        shifted_mask = window_mask.roll(-chunk_size, 1)
-        shifted_mask[:, chunk_size:] = False
-        state.set_window(
-            torch.where(shift, window_codes.roll(-chunk_size, 1), window_codes),
-            torch.where(shift[..., None], window_values.roll(-chunk_size, 1), window_values),
-            torch.where(shift, shifted_mask, window_mask),
-        )
-    # Write the token into its slot in place (the state owns its tensors); a padded row's slot stays empty.
-    rows, write, new_values = plan.rows, chunk_size + plan.slot, value[:, 0].to(state.values.dtype)
-    if plan.all_real:
-        state.keys[rows, write] = codes[:, 0]
-        state.values[rows, write] = new_values
-        state.logit_offsets[rows, write] = 0.0
-    else:
-        real = plan.real
-        state.keys[rows, write] = torch.where(real, codes[:, 0], state.keys[rows, write])
-        state.values[rows, write] = torch.where(real[:, None], new_values, state.values[rows, write])
-        state.logit_offsets[rows, write] = torch.where(real, 0.0, state.logit_offsets[rows, write])
-
-    # logits = q.C_code / sqrt(Z) + [bias(i - j) | log N_s] (+ the empty-slot mask), one softmax over 2C + S.
-    scores = (query[:, 0] * query.shape[-1] ** -0.5).float() @ codebook.t()  # (B, S), every key is a codeword
+    rows, write, real = plan.rows, plan.write, plan.real
     window = 2 * chunk_size
-    # Window slot j of a query in slot s of the current block is at offset C + s - j; memory entries have no bias.
-    bias = position_bias(chunk_size + plan.slot[:, None] - torch.arange(window, device=plan.slot.device)).float()
+    # Fold the slot's previous token into the memory: N_c += 1, M_c += (v - M_c) / N_c, for its code c only.
+    leaving_code, leaving_value = state.keys[rows, write], state.values[rows, write]
+    leaving = real & (state.logit_offsets[rows, write] >= 0)
+    counts = state.memory_counts[rows, leaving_code] + leaving.float()
+    memory_slot = window + leaving_code
+    mean = state.values[rows, memory_slot]
+    folded_mean = mean.float() + (leaving_value.float() - mean.float()) / counts.clamp(min=1)[:, None]
+    state.memory_counts[rows, leaving_code] = counts
+    state.values[rows, memory_slot] = torch.where(leaving[:, None], folded_mean.to(mean.dtype), mean)
+    state.logit_offsets[rows, memory_slot] = memory_logit_offsets(counts)
+    # Write the token into the slot; a padded row's slot keeps what it held.
+    state.keys[rows, write] = torch.where(real, codes[:, 0], leaving_code)
+    state.values[rows, write] = torch.where(real[:, None], value[:, 0].to(state.values.dtype), leaving_value)
+    state.logit_offsets[rows, write] = torch.where(real, 0.0, state.logit_offsets[rows, write])
+
+    # logits = q.C_code / sqrt(Z) + [bias(i - j) inside the window | log N_s] (+ the empty-slot offsets), one softmax.
+    scores = (query[:, 0] * query.shape[-1] ** -0.5).float() @ codebook.t()  # (B, S), every key is a codeword
+    bias = position_bias(plan.offsets).float()
     codes, offsets, values = state.keys, state.logit_offsets, state.values
-    if memory:
-        bias = F.pad(bias, (0, codes.shape[1] - window))
-    else:  # the window slots only
+    if memory:  # the ring's unfolded slots are memory entries: no bias
+        bias = F.pad(torch.where(plan.in_window, bias, 0.0), (0, codes.shape[1] - window))
+    else:  # the window only
         codes, offsets, values = codes[:, :window], offsets[:, :window], values[:, :window]
-    logits = scores.gather(1, codes) + offsets + bias
+        bias = torch.where(plan.in_window, bias, EMPTY_LOGIT)
+    logits = scores.gather(1, codes) + (offsets + bias).clamp(min=EMPTY_LOGIT)
     weights = torch.softmax(logits, dim=-1).to(values.dtype)
     return (weights.unsqueeze(1) @ values).to(value.dtype)

@@ -1,8 +1,9 @@
-"""`torch.compile(model, fullgraph=True)` traces a LongVQ training forward (and its backward) without graph breaks:
-the forward has no host synchronisation and no Python branch on tensor values when compiling (input value checks run
-in eager mode only), and the compiled step computes what the eager one does: plain, through the segmented long-input
-path with activation checkpointing, and inside `Trainer(torch_compile=True)`. Lengths bucketed by padding to a multiple
-of the chunk size share one compiled graph."""
+"""`torch.compile(model, fullgraph=True)` traces a LongVQ training forward (and its backward) and a decoding step
+without graph breaks: neither has a host synchronisation or a Python branch on tensor values when compiling (input value
+checks run in eager mode only), and the compiled call computes what the eager one does: a training step plain, through
+the segmented long-input path with activation checkpointing and inside `Trainer(torch_compile=True)`; greedy
+`generate()` with compiled decoding steps. Lengths bucketed by padding to a multiple of the chunk size share one
+compiled graph."""
 
 import copy
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
-from transformers import DataCollatorWithPadding
+from transformers import CompileConfig, DataCollatorWithPadding
 
 from helpers import tiny_config
 from longvq import LongVQForCausalLM, LongVQForSequenceClassification
@@ -105,3 +106,23 @@ def test_trainer_with_torch_compile_trains_one_graph_like_eager(tmp_path):
     assert counters["stats"]["unique_graphs"] == 1  # compiled, without a graph break or recompile across steps
     assert not counters["graph_break"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_generate_with_a_compiled_decoding_step_matches_eager_and_compiles_once():
+    """generate() compiles the forward for decoding when the cache is compileable (on CPU only when the compile config
+    asks for all devices): one graph for every step (fixed shapes, no host synchronisation, the state updated in
+    place), and the same greedy tokens as eager decoding, across block boundaries and with a left-padded row."""
+    torch.manual_seed(0)
+    model = LongVQForCausalLM(tiny_config(chunk_size=4, pad_token_id=0, eos_token_id=None)).eval()
+    ids = torch.randint(1, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers' switch for compiling on CPU (its own tests use it)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, compile_config=compile_config)
+    assert hasattr(model, "_compiled_call")  # generate() did take the compiled path
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1  # 11 decoding steps, no recompilation

@@ -82,13 +82,51 @@ def test_chunked_prefill_equals_single_prefill():
         cache = out.past_key_values
         logits.append(out.logits)
     assert (torch.cat(logits, 1) - single.logits)[mask.bool()].abs().max() < MAX_DECODE_ERROR
-    for a, b in zip(single.past_key_values.layers, cache.layers):
-        (codes_a, values_a, valid), (codes_b, values_b, valid_b) = a.window(), b.window()
-        assert torch.equal(valid, valid_b)
-        assert torch.equal(codes_a[valid], codes_b[valid])  # empty slots may hold anything
-        torch.testing.assert_close(values_a[valid], values_b[valid], atol=1e-4, rtol=1e-4)
-        for x, y in zip((a.ema, *a.memory()), (b.ema, *b.memory())):
-            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    _assert_same_states(single.past_key_values, cache, model)
+
+
+def _assert_same_states(cache_a, cache_b, model):
+    """Two caches carry the same state: window (empty slots may hold anything), memory and EMA state."""
+    assert torch.equal(cache_a.positions, cache_b.positions)
+    for a, b, layer in zip(cache_a.layers, cache_b.layers, model.model.layers):
+        codebook = layer.attention.quantizer.codebook()
+        carry_a, carry_b = a.carry(codebook, cache_a.positions), b.carry(codebook, cache_b.positions)
+        valid = carry_a.attention.mask
+        assert torch.equal(valid, carry_b.attention.mask)
+        assert torch.equal(carry_a.attention.codes[valid], carry_b.attention.codes[valid])
+        torch.testing.assert_close(carry_a.attention.values[valid], carry_b.attention.values[valid], atol=1e-4, rtol=1e-4)
+        for name in ("memory_counts", "memory_sums"):
+            torch.testing.assert_close(getattr(carry_a.attention, name), getattr(carry_b.attention, name), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(carry_a.ema, carry_b.ema, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memory", [True, False], ids=["memory", "window_only"])
+def test_decoding_steps_leave_the_state_a_prefill_leaves(memory):
+    """The ring of window halves and the one-token-per-step fold into the memory hold what the block-parallel forward
+    keeps, whatever block phase each row is at (left padding of different lengths: rows start blocks at different
+    steps)."""
+    model = _model(4, codebook_memory=memory)
+    ids, mask = _left_padded_batch([23, 17, 9, 2], seed=3)
+    prefill = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    cache = model(ids[:, :1], attention_mask=mask[:, :1], use_cache=True).past_key_values
+    for t in range(1, ids.shape[1]):
+        cache = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).past_key_values
+    _assert_same_states(prefill, cache, model)
+
+
+def test_decoding_steps_update_the_state_in_place():
+    """A decoding step writes into the tensors the prefill allocated (what a CUDA graph of the step needs)."""
+    model = _model(3)
+    cache = model(torch.randint(1, 50, (2, 5)), use_cache=True).past_key_values
+
+    def addresses():
+        return [cache.positions.data_ptr()] + [t.data_ptr() for layer in cache.layers for t in (*layer.tensors(), layer.seen_tokens)]
+
+    before = addresses()
+    for _ in range(7):
+        cache = model(torch.randint(1, 50, (2, 1)), past_key_values=cache).past_key_values
+    assert addresses() == before
+    assert cache.get_seq_length() == 12
 
 
 def test_state_size_does_not_depend_on_tokens_seen():

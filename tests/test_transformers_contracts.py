@@ -83,7 +83,7 @@ def test_cache_layers_are_transformers_cache_layers():
             layer.update(layer.keys, layer.values)
         with pytest.raises(ValueError, match="cannot be cropped"):
             layer.crop(1)
-    assert cache.get_seq_length() == 11 and not cache.is_compileable and not cache.is_croppable
+    assert cache.get_seq_length() == 11 and cache.is_compileable and not cache.is_croppable
     assert cache.get_mask_sizes(1, 0) == (12, 0)
 
     before = [t.clone() for layer in cache.layers for t in layer.tensors()]
