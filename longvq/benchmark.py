@@ -14,6 +14,7 @@ and depth), measured side by side in one run.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -130,7 +131,9 @@ def _resident_bytes() -> int:
 
 
 def _reset_peak_resident_bytes() -> None:
-    """Restart this process's high-water resident memory (Linux `clear_refs`) at its current resident memory."""
+    """Return the allocator's free memory to the OS (glibc `malloc_trim`: freed tensors below its mmap threshold stay
+    resident otherwise) and restart this process's high-water resident memory (Linux `clear_refs`) there."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -169,8 +172,8 @@ def measure_train_point(
         return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
 
     warm_up, warm_up_system = timed_step()
-    baseline = _resident_bytes()  # after the warm-up step: the model, its gradients' absence and any compiled code
     _reset_peak_resident_bytes()
+    baseline = _resident_bytes()  # after the warm-up step: the model and any compiled code, no activation
     times, system = ([warm_up], warm_up_system) if warm_up > SLOW_STEP_SECONDS and not compile else ([], 0.0)
     while len(times) < max(1, max_steps) and (sum(times) < min_seconds or not times):
         seconds, system_seconds = timed_step()

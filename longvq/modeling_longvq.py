@@ -40,7 +40,9 @@ from .ops_longvq import (
     ema_scan,
     ema_step,
     fft_causal_convolution,
+    gated_residual,
     power_sum,
+    silu_gated_linear,
     vq_attention,
     vq_attention_step,
 )
@@ -404,9 +406,14 @@ class LongVQGatedAttention(nn.Module):
             )  # fmt: skip
             if state is not None:
                 final = LongVQLayerCarry(final_ema, final_attention)
-        gated = _dropout(F.silu(hidden + self.out_proj(attention * F.silu(reset))), self.config.dropout, self.training)
-        # residual + sigmoid(u) (gated - residual), fused; the residual stream keeps its dtype under autocast
-        out = torch.lerp(residual, gated.to(residual.dtype), torch.sigmoid(update).to(residual.dtype))
+        # out_proj(o * SiLU(r)) keeping o and r only for backward (not SiLU(r) and the product as well)
+        pre = hidden + silu_gated_linear(attention, reset, self.out_proj)
+        # residual + sigmoid(u) (SiLU(pre) - residual); the residual stream keeps its dtype under autocast
+        if self.training and self.config.dropout > 0:
+            gated = F.dropout(F.silu(pre), self.config.dropout)
+            out = torch.lerp(residual, gated.to(residual.dtype), torch.sigmoid(update).to(residual.dtype))
+        else:  # saving the inputs only, not SiLU(pre) and sigmoid(u) as well
+            out = gated_residual(residual, update, pre)
         if not self.config.normalize_before:
             out = self.norm(out, mask)
         if not statistics_needed:
@@ -435,8 +442,11 @@ class LongVQNormalizedFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden_states, mask) if self.normalize_before else hidden_states
-        hidden = _dropout(F.silu(self.fc1(x)), self.hidden_dropout, self.training)
-        out = hidden_states + _dropout(self.fc2(hidden), self.dropout, self.training)
+        if self.training and self.hidden_dropout > 0:
+            projected = self.fc2(F.dropout(F.silu(self.fc1(x)), self.hidden_dropout))
+        else:  # fc2(SiLU(h)) keeping h only for backward (not SiLU(h) as well)
+            projected = silu_gated_linear(None, self.fc1(x), self.fc2)
+        out = hidden_states + _dropout(projected, self.dropout, self.training)
         return out if self.normalize_before else self.norm(out, mask)
 
 
@@ -863,8 +873,14 @@ class LongVQModel(LongVQPreTrainedModel):
         return hidden_states, statistics, all_hidden_states
 
     def _segment_length(self, length: int, cache) -> int | None:
-        """Piece length for `_forward_in_segments` (a multiple of chunk_size), or None to run the input whole."""
+        """Piece length for `_forward_in_segments` (a multiple of chunk_size), or None to run the input whole.
+
+        Under `torch.compile` the pieces are unrolled into the graph, so compile time grows with their number; there
+        the input runs whole unless activation checkpointing is on (where the pieces bound the memory). Pieces and the
+        whole input give the same result."""
         if self.config.segment_length is None or self.config.bidirectional or cache is not None:
+            return None
+        if torch.compiler.is_compiling() and not (self.training and self.uses_activation_checkpointing):
             return None
         chunk_size = self.config.chunk_size
         segment = max(self.config.segment_length // chunk_size, 1) * chunk_size

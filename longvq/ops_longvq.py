@@ -207,6 +207,91 @@ def naive_ema(x, damping_logit, decay_logit, expansion, projection, bidirectiona
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Gated SiLU projection: one saved buffer fewer per gate
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _SiluGatedLinear(torch.autograd.Function):
+    """`linear(x * silu(gate), weight, bias)` (x None: `linear(silu(gate))`) that saves its inputs only: backward
+    recomputes the sigmoid, SiLU and product from them instead of autograd keeping `silu(gate)`, the product (and the
+    gate for SiLU's own backward) as separate buffers. Under autocast the forward runs at the autocast dtype (as
+    `F.linear` would) and the backward in the gradient's dtype; each gradient is returned in its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, bias):
+        ctx.save_for_backward(x, gate, weight)
+        ctx.has_bias = bias is not None
+        activation = F.silu(gate)
+        return F.linear(activation if x is None else x * activation, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, weight = ctx.saved_tensors
+        dtype = grad.dtype
+        gate_c = gate.to(dtype)
+        sigmoid = torch.sigmoid(gate_c)
+        activation = gate_c * sigmoid
+        product = activation if x is None else x.to(dtype) * activation
+        grad_product = grad @ weight.to(dtype)
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        grad_activation = grad_product if x is None else grad_product * x.to(dtype)
+        grad_gate = grad_activation * sigmoid * (1 + gate_c * (1 - sigmoid))
+        grad_x = None if x is None else (grad_product * activation).to(x.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
+        return grad_x, grad_gate.to(gate.dtype), grad_weight.to(weight.dtype), grad_bias
+
+
+def silu_gated_linear(x: torch.Tensor | None, gate: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
+    """`linear(x * silu(gate))`, or `linear(silu(gate))` when x is None, for a `torch.nn.Linear` `linear`; fused
+    (`_SiluGatedLinear`, which saves x and gate only) when autograd records and `linear` is a plain `nn.Linear`,
+    otherwise (an adapter such as a PEFT LoRA layer, no gradient, a `torch.func` transform) the plain expression.
+    Twin: `naive_silu_gated_linear`."""
+    if type(linear) is not torch.nn.Linear or not torch.is_grad_enabled():
+        return naive_silu_gated_linear(x, gate, linear)
+    return _SiluGatedLinear.apply(x, gate, linear.weight, linear.bias)
+
+
+def naive_silu_gated_linear(x: torch.Tensor | None, gate: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
+    """`linear(x * silu(gate))` (x None: `linear(silu(gate))`) as plain autograd operations."""
+    activation = F.silu(gate)
+    return linear(activation if x is None else x * activation)
+
+
+class _GatedResidual(torch.autograd.Function):
+    """`lerp(residual, silu(pre), sigmoid(update))` computed in the residual's dtype, saving its three inputs only
+    (which the layer keeps anyway: its input, the projection holding `update`, and `pre` for the SiLU): backward
+    recomputes the sigmoid and SiLU instead of autograd keeping them as two more buffers."""
+
+    @staticmethod
+    def forward(ctx, residual, update, pre):
+        ctx.save_for_backward(residual, update, pre)
+        return torch.lerp(residual, F.silu(pre.to(residual.dtype)), torch.sigmoid(update.to(residual.dtype)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        residual, update, pre = ctx.saved_tensors
+        pre_c = pre.to(residual.dtype)
+        weight, pre_sigmoid = torch.sigmoid(update.to(residual.dtype)), torch.sigmoid(pre_c)
+        gated = pre_c * pre_sigmoid
+        grad_update = grad * (gated - residual) * weight * (1 - weight)
+        grad_pre = grad * weight * pre_sigmoid * (1 + pre_c * (1 - pre_sigmoid))
+        return grad * (1 - weight), grad_update.to(update.dtype), grad_pre.to(pre.dtype)
+
+
+def gated_residual(residual: torch.Tensor, update: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """MEGA's gated residual `residual + sigmoid(update) * (silu(pre) - residual)` in the residual's dtype; fused
+    (`_GatedResidual`) when autograd records, else the plain expression (twin: `naive_gated_residual`)."""
+    if not torch.is_grad_enabled():
+        return naive_gated_residual(residual, update, pre)
+    return _GatedResidual.apply(residual, update, pre)
+
+
+def naive_gated_residual(residual: torch.Tensor, update: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    return torch.lerp(residual, F.silu(pre.to(residual.dtype)), torch.sigmoid(update.to(residual.dtype)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Block-wise VQ-attention
 # ---------------------------------------------------------------------------------------------------------------------
 
