@@ -1,0 +1,452 @@
+# Copyright 2026 The LongVQ Authors. Licensed under the Apache License, Version 2.0.
+"""Block-wise VQ-attention as fused Triton kernels, forward and backward (flash-attention style).
+
+`ops_longvq._blockwise_attention` calls `blockwise_attention_triton` for CUDA tensors when Triton is installed
+(`kernel_supports`) and no attention dropout is active in training (dropout falls back to the PyTorch path, which
+drops attention weights the kernel never materialises). PyTorch computes the memory statistics first (per-block
+counts and prefix-summed value sums, `ops_longvq._block_memory`); the kernels do the rest.
+
+Layout: B*n flat blocks of C queries; query, key (B*n, C, Z); value (B*n, C, H); key_mask (B*n, C); the window bias
+(C, W), W = 2C causal, 3C bidirectional, its column j being key slot j of blocks n-1, n[, n+1]; codebook (S, Z);
+memory counts (B*n, S) and value sums (B*n, S, H). For query i of block n the logits are
+`[q.k_j / sqrt(Z) + bias(i, j) (window key j visible) | q.c_s / sqrt(Z) + log N_s (N_s > 0)]` under one softmax over
+W + S entries, and `out_i = sum_j w_ij v_j + sum_s (w_is / N_s) sums_s`.
+
+- Forward: one program per (block, tile of queries, tile of H); an online softmax over the window's key tiles, then
+  the codeword tiles; it writes the output and each query's logsumexp.
+- Backward (recomputing the probabilities from the logsumexp, `delta_i = sum_h dO_ih O_ih` from PyTorch):
+  queries (and the window bias, per block, summed by PyTorch), window keys, values, memory sums, each by the program
+  that owns its rows, so no atomics: the keys and values of block n collect from the query blocks that see them
+  (n + 1, n, and bidirectionally n - 1). The codebook gets no gradient (the memory reads it as a constant).
+
+Copied into Hub checkpoints beside `ops_longvq.py`, which imports it: torch, and Triton only if it is installed.
+"""
+
+import re
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+    jit = triton.jit
+except ImportError:  # the PyTorch path runs instead; the kernels below stay plain, never-called functions
+    TRITON_AVAILABLE = False
+    tl = SimpleNamespace(constexpr=None)  # what the kernels' signatures name
+
+    def jit(fn):
+        return fn
+
+
+_NEVER = -1.0e30  # logit of an entry a query does not see (finite: a row that sees nothing stays finite)
+_LARGEST_Z = 256  # a (tile, Z) block of queries, keys and query gradients lives in registers
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_supports(query: torch.Tensor) -> bool:
+    """Whether `blockwise_attention_triton` runs on this query (B*n, C, Z) or (B, T, Z): Triton installed, a CUDA
+    tensor, half, bfloat16 or float32, Z <= 256."""
+    return (
+        TRITON_AVAILABLE and query.is_cuda and query.dtype in _KERNEL_DTYPES and query.shape[-1] <= _LARGEST_Z
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@jit
+def _window_logits(
+    q, key, key_mask, bias, block, rows, cols, num_blocks, chunk_size, width, z_dim, scale,
+    CAUSAL: tl.constexpr, BLOCK_Z: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Logits (rows, cols) of the queries q (rows, BLOCK_Z) in slots `rows` of flat block `block` against window
+    columns `cols`, with what produced them: the keys (cols, BLOCK_Z), their flat token indices and whether the
+    block sees each (inside the window, in the same batch row, a real token)."""
+    neighbour = block % num_blocks + cols // chunk_size - 1  # position of the key's block in its batch row
+    tokens = block * chunk_size - chunk_size + cols
+    valid = (cols < width) & (neighbour >= 0) & (neighbour < num_blocks)
+    valid = valid & (tl.load(key_mask + tokens, mask=valid, other=0) != 0)
+    z = tl.arange(0, BLOCK_Z)
+    k = tl.load(key + tokens[:, None] * z_dim + z[None, :], mask=valid[:, None] & (z[None, :] < z_dim), other=0.0)
+    in_bias = (rows[:, None] < chunk_size) & (cols[None, :] < width)
+    window_bias = tl.load(bias + rows[:, None] * width + cols[None, :], mask=in_bias, other=0.0)
+    logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + window_bias
+    seen = valid[None, :] & in_bias
+    if CAUSAL:
+        seen = seen & (cols[None, :] <= rows[:, None] + chunk_size)
+    return tl.where(seen, logits, _NEVER), k, tokens, valid
+
+
+@jit
+def _memory_logits(
+    q, codebook, memory_counts, block, codes, codebook_size, z_dim, scale,
+    BLOCK_Z: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Logits (rows, codes) `q.c_s / sqrt(Z) + log N_s` of the queries q against codewords `codes` of block `block`'s
+    memory (never where N_s = 0), with the codewords (codes, BLOCK_Z) and their counts N_s."""
+    z = tl.arange(0, BLOCK_Z)
+    in_book = codes < codebook_size
+    c = tl.load(codebook + codes[:, None] * z_dim + z[None, :], mask=in_book[:, None] & (z[None, :] < z_dim), other=0.0)
+    counts = tl.load(memory_counts + block * codebook_size + codes, mask=in_book, other=0.0)
+    logits = tl.dot(q, tl.trans(c), input_precision=PRECISION) * scale + tl.log(tl.maximum(counts, 1.0))[None, :]
+    return tl.where((counts > 0)[None, :], logits, _NEVER), c, counts
+
+
+@jit
+def _memory_means(memory_sums, block, codes, counts, codebook_size, h, h_dim, dtype: tl.constexpr):
+    """The memory's values `sums_s / N_s` (codes, h) of block `block`, in `dtype` (0 where N_s = 0)."""
+    index = (block * codebook_size + codes)[:, None] * h_dim + h[None, :]
+    sums = tl.load(memory_sums + index, mask=(codes[:, None] < codebook_size) & (h[None, :] < h_dim), other=0.0)
+    return (sums / tl.maximum(counts, 1.0)[:, None]).to(dtype)
+
+
+@jit
+def _load_rows(tensor, rows, in_rows, columns, width):
+    """tensor[rows, columns] of a row-major (., width) tensor, zeros outside `in_rows` and `columns < width`."""
+    return tl.load(tensor + rows[:, None] * width + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < width), other=0.0)
+
+
+@jit
+def _softmax_step(m_i, l_i, acc, logits, values, PRECISION: tl.constexpr):
+    """One online-softmax update with a tile of logits (rows, cols) and their values (cols, h)."""
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(logits - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@jit
+def _window_end(row_tile, chunk_size, width, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last window column a causal tile of queries can see (query slot i sees columns <= C + i)."""
+    if CAUSAL:
+        return tl.minimum(width, chunk_size + (row_tile + 1) * BLOCK_M)
+    return width
+
+
+@jit
+def _forward_kernel(
+    query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, out, lse,
+    num_blocks, chunk_size, width, codebook_size, z_dim, h_dim, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (block, query tile, H tile): out[block, rows, h] and the rows' logsumexp."""
+    block = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_rows = rows < chunk_size
+    queries = block * chunk_size + rows
+    q = _load_rows(query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    for start in range(0, _window_end(tl.program_id(1), chunk_size, width, CAUSAL, BLOCK_M), BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        logits, _, tokens, valid = _window_logits(
+            q, key, key_mask, bias, block, rows, cols, num_blocks, chunk_size, width, z_dim, scale, CAUSAL, BLOCK_Z,
+            PRECISION,
+        )  # fmt: skip
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, logits, _load_rows(value, tokens, valid, h, h_dim), PRECISION)
+    for start in range(0, codebook_size, BLOCK_S):
+        codes = start + tl.arange(0, BLOCK_S)
+        logits, _, counts = _memory_logits(
+            q, codebook, memory_counts, block, codes, codebook_size, z_dim, scale, BLOCK_Z, PRECISION
+        )  # fmt: skip
+        means = _memory_means(memory_sums, block, codes, counts, codebook_size, h, h_dim, value.dtype.element_ty)
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, logits, means, PRECISION)
+    tl.store(out + queries[:, None] * h_dim + h[None, :], acc / l_i[:, None], mask=in_rows[:, None] & (h[None, :] < h_dim))
+    tl.store(lse + queries, m_i + tl.log(l_i), mask=in_rows)
+
+
+@jit
+def _probabilities(logits, lse, queries, in_rows):
+    """Softmax probabilities of a tile of logits recomputed from the rows' logsumexp (0 on rows outside `in_rows`)."""
+    row_lse = tl.load(lse + queries, mask=in_rows, other=0.0)
+    return tl.where(in_rows[:, None], tl.exp(logits - row_lse[:, None]), 0.0)
+
+
+@jit
+def _output_grad_dot(grad_out, queries, in_rows, values, value_rows, in_values, h_dim, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """dP = dO V^T for a tile: (rows, value rows) dot products over all of H, H tile by H tile."""
+    dp = tl.zeros([queries.shape[0], value_rows.shape[0]], tl.float32)
+    for h_start in range(0, h_dim, BLOCK_H):
+        h = h_start + tl.arange(0, BLOCK_H)
+        d_out = _load_rows(grad_out, queries, in_rows, h, h_dim)
+        v = _load_rows(values, value_rows, in_values, h, h_dim).to(d_out.dtype)
+        dp += tl.dot(d_out, tl.trans(v), input_precision=PRECISION)
+    return dp
+
+
+@jit
+def _query_grad_kernel(
+    query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, grad_out, lse, delta,
+    grad_query, grad_bias, num_blocks, chunk_size, width, codebook_size, z_dim, h_dim, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (block, query tile): dq of the rows, and dS of the window (the bias gradient of this block)."""
+    block = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < chunk_size
+    queries = block * chunk_size + rows
+    z = tl.arange(0, BLOCK_Z)
+    q = _load_rows(query, queries, in_rows, z, z_dim)
+    row_delta = tl.load(delta + queries, mask=in_rows, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_Z], tl.float32)
+    for start in range(0, _window_end(tl.program_id(1), chunk_size, width, CAUSAL, BLOCK_M), BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        logits, k, tokens, valid = _window_logits(
+            q, key, key_mask, bias, block, rows, cols, num_blocks, chunk_size, width, z_dim, scale, CAUSAL, BLOCK_Z,
+            PRECISION,
+        )  # fmt: skip
+        p = _probabilities(logits, lse, queries, in_rows)
+        dp = _output_grad_dot(grad_out, queries, in_rows, value, tokens, valid, h_dim, BLOCK_H, PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(grad_bias + queries[:, None] * width + cols[None, :], ds, mask=in_rows[:, None] & (cols[None, :] < width))
+    for start in range(0, codebook_size, BLOCK_S):
+        codes = start + tl.arange(0, BLOCK_S)
+        logits, c, counts = _memory_logits(
+            q, codebook, memory_counts, block, codes, codebook_size, z_dim, scale, BLOCK_Z, PRECISION
+        )  # fmt: skip
+        p = _probabilities(logits, lse, queries, in_rows)
+        in_book = codes < codebook_size
+        sum_rows = block * codebook_size + codes
+        dp = _output_grad_dot(grad_out, queries, in_rows, memory_sums, sum_rows, in_book, h_dim, BLOCK_H, PRECISION)
+        ds = p * (dp / tl.maximum(counts, 1.0)[None, :] - row_delta[:, None])
+        dq += tl.dot(ds.to(c.dtype), c, input_precision=PRECISION)
+    tl.store(grad_query + queries[:, None] * z_dim + z[None, :], dq * scale, mask=in_rows[:, None] & (z[None, :] < z_dim))
+
+
+@jit
+def _reader_tile(
+    query, key, key_mask, bias, lse, block, reader, rows, slots, total_blocks, num_blocks, chunk_size, width, z_dim,
+    scale, CAUSAL: tl.constexpr, BLOCK_Z: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """For key slots `slots` of flat block `block` and query slots `rows` of the block that has them as its window
+    block `reader` (0: previous, so block + 1; 1: its own; 2: next, so block - 1): the probabilities (rows, slots), the
+    queries (rows, BLOCK_Z), their flat indices and which rows exist."""
+    query_block = block + 1 - reader
+    queries = query_block * chunk_size + rows
+    in_rows = (rows < chunk_size) & (queries >= 0) & (queries < total_blocks * chunk_size)  # query_block exists
+    q = _load_rows(query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim)
+    logits, _, _, _ = _window_logits(
+        q, key, key_mask, bias, query_block, rows, reader * chunk_size + slots, num_blocks, chunk_size, width, z_dim,
+        scale, CAUSAL, BLOCK_Z, PRECISION,
+    )  # fmt: skip
+    return _probabilities(logits, lse, queries, in_rows), q, queries, in_rows
+
+
+@jit
+def _key_grad_kernel(
+    query, key, value, key_mask, bias, grad_out, lse, delta, grad_key, total_blocks, num_blocks, chunk_size, width,
+    z_dim, h_dim, scale, READERS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (block, key tile): dk of the keys, from every query block that sees them in its window."""
+    block = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = block * chunk_size + slots
+    in_slots = slots < chunk_size
+    z = tl.arange(0, BLOCK_Z)
+    dk = tl.zeros([BLOCK_N, BLOCK_Z], tl.float32)
+    for reader in range(READERS):
+        for row_start in range(0, chunk_size, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            p, q, queries, in_rows = _reader_tile(
+                query, key, key_mask, bias, lse, block, reader, rows, slots, total_blocks, num_blocks, chunk_size,
+                width, z_dim, scale, CAUSAL, BLOCK_Z, PRECISION,
+            )  # fmt: skip
+            dp = _output_grad_dot(grad_out, queries, in_rows, value, keys, in_slots, h_dim, BLOCK_H, PRECISION)
+            row_delta = tl.load(delta + queries, mask=in_rows, other=0.0)
+            ds = p * (dp - row_delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(grad_key + keys[:, None] * z_dim + z[None, :], dk * scale, mask=in_slots[:, None] & (z[None, :] < z_dim))
+
+
+@jit
+def _value_grad_kernel(
+    query, key, key_mask, bias, grad_out, lse, grad_value, total_blocks, num_blocks, chunk_size, width, z_dim, h_dim,
+    scale, READERS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (block, key tile, H tile): dv = P^T dO of the values, from every query block that sees them."""
+    block = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dv = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for reader in range(READERS):
+        for row_start in range(0, chunk_size, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            p, _, queries, in_rows = _reader_tile(
+                query, key, key_mask, bias, lse, block, reader, rows, slots, total_blocks, num_blocks, chunk_size,
+                width, z_dim, scale, CAUSAL, BLOCK_Z, PRECISION,
+            )  # fmt: skip
+            d_out = _load_rows(grad_out, queries, in_rows, h, h_dim)
+            dv += tl.dot(tl.trans(p.to(d_out.dtype)), d_out, input_precision=PRECISION)
+    keys = block * chunk_size + slots
+    tl.store(grad_value + keys[:, None] * h_dim + h[None, :], dv, mask=(slots[:, None] < chunk_size) & (h[None, :] < h_dim))
+
+
+@jit
+def _memory_grad_kernel(
+    query, codebook, memory_counts, grad_out, lse, grad_sums, chunk_size, codebook_size, z_dim, h_dim, scale,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (block, codeword tile, H tile): d sums_s = sum_i (P_is / N_s) dO_i over the block's queries."""
+    block = tl.program_id(0).to(tl.int64)
+    codes = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d_sums = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
+    for row_start in range(0, chunk_size, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        in_rows = rows < chunk_size
+        queries = block * chunk_size + rows
+        q = _load_rows(query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim)
+        logits, _, counts = _memory_logits(
+            q, codebook, memory_counts, block, codes, codebook_size, z_dim, scale, BLOCK_Z, PRECISION
+        )  # fmt: skip
+        p = _probabilities(logits, lse, queries, in_rows) / tl.maximum(counts, 1.0)[None, :]
+        d_out = _load_rows(grad_out, queries, in_rows, h, h_dim).to(tl.float32)
+        d_sums += tl.dot(tl.trans(p), d_out, input_precision=PRECISION)
+    index = (block * codebook_size + codes)[:, None] * h_dim + h[None, :]
+    tl.store(grad_sums + index, d_sums, mask=(codes[:, None] < codebook_size) & (h[None, :] < h_dim))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers, as custom operators (torch.compile traces them as opaque calls)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _tile(size: int, largest: int = 64) -> int:
+    """A tile edge for `size`: a power of two in [16, largest] (tl.dot needs >= 16)."""
+    return max(16, min(largest, 1 << max(size - 1, 0).bit_length()))
+
+
+def _launch_settings(query, value, codebook, causal):
+    """Shapes and compile-time settings shared by the launches."""
+    total_blocks, chunk_size, z_dim = query.shape
+    h_dim, codebook_size = value.shape[-1], codebook.shape[0]
+    precision = "ieee" if query.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+    tiles = dict(
+        BLOCK_M=_tile(chunk_size), BLOCK_N=_tile(chunk_size), BLOCK_Z=_tile(z_dim, largest=_LARGEST_Z),
+        BLOCK_H=_tile(h_dim), PRECISION=precision,
+    )  # fmt: skip
+    shape = dict(chunk_size=chunk_size, width=(2 if causal else 3) * chunk_size, z_dim=z_dim, h_dim=h_dim)
+    return total_blocks, codebook_size, tiles, shape
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """t, or one zero in its place when empty (window-only attention): Triton rejects the null pointer of an empty
+    tensor; the kernels read nothing from it when the codebook is empty."""
+    return t if t.numel() else t.new_zeros(1)
+
+
+_OPERATOR = "longvq::" + re.sub(r"\W", "_", __name__)  # one name per copy of this file (package, remote code)
+
+
+@torch.library.custom_op(_OPERATOR + "_forward", mutates_args=())
+def _attention_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor, bias: torch.Tensor,
+    codebook: torch.Tensor, memory_counts: torch.Tensor, memory_sums: torch.Tensor, num_blocks: int, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kernel's output (B*n, C, H) and per-query logsumexp (B*n, C) float32."""
+    total_blocks, codebook_size, tiles, shape = _launch_settings(query, value, codebook, causal)
+    out = torch.empty_like(value)
+    lse = torch.empty(query.shape[:2], device=query.device, dtype=torch.float32)
+    grid = (total_blocks, triton.cdiv(shape["chunk_size"], tiles["BLOCK_M"]), triton.cdiv(shape["h_dim"], tiles["BLOCK_H"]))
+    _forward_kernel[grid](
+        query, key, value, key_mask, bias, _nonempty(codebook), _nonempty(memory_counts), _nonempty(memory_sums), out,
+        lse, num_blocks, codebook_size=codebook_size, scale=shape["z_dim"] ** -0.5, CAUSAL=causal,
+        BLOCK_S=_tile(codebook_size), **shape, **tiles,
+    )  # fmt: skip
+    return out, lse
+
+
+@_attention_forward.register_fake
+def _(query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, num_blocks, causal):
+    return torch.empty_like(value), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op(_OPERATOR + "_backward", mutates_args=())
+def _attention_backward(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor,
+    bias: torch.Tensor, codebook: torch.Tensor, memory_counts: torch.Tensor, memory_sums: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, num_blocks: int, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients w.r.t. query, key, value, the (C, W) bias and the memory sums."""
+    total_blocks, codebook_size, tiles, shape = _launch_settings(query, value, codebook, causal)
+    chunk_size, h_dim, scale = shape["chunk_size"], shape["h_dim"], shape["z_dim"] ** -0.5
+    delta = (grad_out.float() * out.float()).sum(-1)  # (B*n, C): rowsum(dO * O)
+    grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    grad_bias = torch.zeros(total_blocks, chunk_size, shape["width"], device=query.device, dtype=torch.float32)
+    grad_sums = torch.zeros_like(memory_sums)
+    codebook_tile = _tile(codebook_size)
+    memory = (_nonempty(codebook), _nonempty(memory_counts), _nonempty(memory_sums))
+    row_tiles, h_tiles = triton.cdiv(chunk_size, tiles["BLOCK_M"]), triton.cdiv(h_dim, tiles["BLOCK_H"])
+    _query_grad_kernel[(total_blocks, row_tiles)](
+        query, key, value, key_mask, bias, *memory, grad_out, lse, delta, grad_query, grad_bias, num_blocks,
+        codebook_size=codebook_size, scale=scale, CAUSAL=causal, BLOCK_S=codebook_tile, **shape, **tiles,
+    )  # fmt: skip
+    key_tiles, readers = triton.cdiv(chunk_size, tiles["BLOCK_N"]), 2 if causal else 3
+    _key_grad_kernel[(total_blocks, key_tiles)](
+        query, key, value, key_mask, bias, grad_out, lse, delta, grad_key, total_blocks, num_blocks, scale=scale, READERS=readers,
+        CAUSAL=causal, **shape, **tiles,
+    )  # fmt: skip
+    _value_grad_kernel[(total_blocks, key_tiles, h_tiles)](
+        query, key, key_mask, bias, grad_out, lse, grad_value, total_blocks, num_blocks, scale=scale, READERS=readers,
+        CAUSAL=causal, **shape, **tiles,
+    )  # fmt: skip
+    if codebook_size:
+        _memory_grad_kernel[(total_blocks, triton.cdiv(codebook_size, codebook_tile), h_tiles)](
+            query, codebook, memory_counts, grad_out, lse, grad_sums, chunk_size, codebook_size, shape["z_dim"], h_dim,
+            scale, BLOCK_M=tiles["BLOCK_M"], BLOCK_S=codebook_tile, BLOCK_Z=tiles["BLOCK_Z"],
+            BLOCK_H=tiles["BLOCK_H"], PRECISION=tiles["PRECISION"],
+        )  # fmt: skip
+    return grad_query, grad_key, grad_value, grad_bias.sum(0), grad_sums
+
+
+@_attention_backward.register_fake
+def _(grad_out, query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, out, lse, num_blocks, causal):
+    grad_bias = bias.new_empty(bias.shape, dtype=torch.float32)
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_bias, torch.empty_like(memory_sums)
+
+
+def _save_for_backward(ctx, inputs, output):
+    query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, num_blocks, causal = inputs
+    ctx.save_for_backward(query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, *output)
+    ctx.num_blocks, ctx.causal = num_blocks, causal
+
+
+def _backward(ctx, grad_out, grad_lse):
+    grad_query, grad_key, grad_value, grad_bias, grad_sums = _attention_backward(
+        grad_out.contiguous(), *ctx.saved_tensors, ctx.num_blocks, ctx.causal
+    )  # fmt: skip
+    return grad_query, grad_key, grad_value, None, grad_bias, None, None, grad_sums, None, None
+
+
+_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def blockwise_attention_triton(query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, num_blocks, bidirectional):
+    """Block-wise VQ-attention of flat blocks through the Triton kernels, differentiable w.r.t. query, key, value, bias
+    and memory_sums (the codebook is read as a constant).
+
+    query, key (B*n, C, Z); value (B*n, C, H); key_mask (B*n, C) bool; bias (C, W) (any extra mask is the kernel's:
+    causal visibility, key_mask, blocks outside a batch row of `num_blocks` blocks); codebook (S, Z); memory_counts
+    (B*n, S); memory_sums (B*n, S, H) (S may be 0: the window only). Keys and codebook are cast to the query's dtype;
+    statistics, bias and memory in float32. Returns (B*n, C, H) in the value's dtype.
+    """
+    out, _ = _attention_forward(
+        query.contiguous(), key.to(query.dtype).contiguous(), value.contiguous(), key_mask.to(torch.int8).contiguous(),
+        bias.float().contiguous(), codebook.detach().to(query.dtype).contiguous(), memory_counts.float().contiguous(),
+        memory_sums.float().contiguous(), num_blocks, not bidirectional,
+    )  # fmt: skip
+    return out
