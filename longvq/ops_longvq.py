@@ -11,7 +11,8 @@
   at sampled query positions, for very long inputs).
 
 The tests compare every fast path with its twin. Copied into Hub checkpoints beside `modeling_longvq.py` (which
-imports it): standard library and torch only.
+imports it): standard library and torch only; on CUDA tensors the block-wise attention runs the fused Triton kernel of
+`triton_longvq` (copied with it) when Triton is installed.
 
 Shapes: B batch, T length, D hidden_size, H intermediate_size (value width), Z shared_representation_size,
 N ema_projection_size, S codebook_size, C chunk_size.
