@@ -441,12 +441,16 @@ def blockwise_attention_triton(query, key, value, key_mask, bias, codebook, memo
 
     query, key (B*n, C, Z); value (B*n, C, H); key_mask (B*n, C) bool; bias (C, W) (any extra mask is the kernel's:
     causal visibility, key_mask, blocks outside a batch row of `num_blocks` blocks); codebook (S, Z); memory_counts
-    (B*n, S); memory_sums (B*n, S, H) (S may be 0: the window only). Keys and codebook are cast to the query's dtype;
-    statistics, bias and memory in float32. Returns (B*n, C, H) in the value's dtype.
+    (B*n, S); memory_sums (B*n, S, H) (S may be 0: the window only). Query, keys and codebook are cast to the query's
+    dtype, or under autocast, like the values, to the autocast dtype (as the PyTorch path's matmuls run); softmax
+    statistics, bias and memory in float32. Returns (B*n, C, H) in the values' dtype.
     """
+    device = query.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else query.dtype
     out, _ = _attention_forward(
-        query.contiguous(), key.to(query.dtype).contiguous(), value.contiguous(), key_mask.to(torch.int8).contiguous(),
-        bias.float().contiguous(), codebook.detach().to(query.dtype).contiguous(), memory_counts.float().contiguous(),
-        memory_sums.float().contiguous(), num_blocks, not bidirectional,
+        query.to(dtype).contiguous(), key.to(dtype).contiguous(), value.to(dtype if autocast else value.dtype).contiguous(),
+        key_mask.to(torch.int8).contiguous(), bias.float().contiguous(), codebook.detach().to(dtype).contiguous(),
+        memory_counts.float().contiguous(), memory_sums.float().contiguous(), num_blocks, not bidirectional,
     )  # fmt: skip
     return out

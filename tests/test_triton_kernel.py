@@ -175,3 +175,27 @@ def test_kernel_traces_in_torch_compile():
     torch.testing.assert_close(kernel_out, out, atol=2e-5, rtol=1e-4)
     for kernel_grad, grad in zip(kernel_grads, grads):
         torch.testing.assert_close(kernel_grad, grad, atol=2e-5, rtol=1e-4)
+
+
+@needs_interpreter
+def test_kernel_under_autocast_runs_in_half_precision():
+    """Under autocast the kernel's matmuls take the autocast dtype, as the PyTorch path's do, and the result stays close
+    to float32 attention, with finite gradients (padded rows included). float16 here: the interpreter's bfloat16
+    `tl.dot` is not faithful, so bfloat16 is left to a GPU."""
+    chunk_size = 4
+    inputs = _inputs(13, chunk_size, 5, 8, 6, seed=7)
+
+    def attention(query, keys, value, codes, codebook, mask, bias):
+        return vq_attention(query, keys, value, codes, codebook, mask, bias, chunk_size)[0]
+
+    def half_attention(query, keys, value, codes, codebook, mask, bias):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = attention(query, keys, value.half(), codes, codebook, mask, bias)
+        assert out.dtype == torch.float16
+        return out.float()
+
+    kernel_out, kernel_grads = _run(lambda *a: _through_kernel(lambda: half_attention(*a)), inputs, chunk_size, 4)
+    out, grads = _run(attention, inputs, chunk_size, 4)
+    torch.testing.assert_close(kernel_out, out, atol=1e-2, rtol=1e-2)
+    for kernel_grad, grad in zip(kernel_grads, grads):
+        torch.testing.assert_close(kernel_grad, grad, atol=1e-2 * grad.abs().max().item(), rtol=1e-2)
