@@ -515,7 +515,8 @@ def main(argv=None):
         for path in ("kernel", "pytorch"):
             print(
                 f"{path}: {result[f'{path}_seconds'] * 1e3:.2f} ms forward + backward at {args.length} tokens, "
-                f"{result[f'{path}_flops'] / 1e12:.1f} TFLOP/s of {result['bf16_matmul_peak'] / 1e12:.0f} (bf16 matmul peak)"
+                f"{result[f'{path}_flops'] / 1e12:.1f} TFLOP/s "
+                f"(bf16 matmul peak {result['bf16_matmul_peak'] / 1e12:.0f} TFLOP/s)"
             )  # fmt: skip
         return result
     if args.threads:

@@ -260,8 +260,8 @@ def code_statistics(codes: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
 
 
 def _block_memory(codes, value, key_mask, codebook_size, chunk_size, bidirectional, initial_memory):
-    """Each block's memory: per-code counts (B, n, S) and value sums (B, n, S, H) of the keys outside its window (causal:
-    blocks <= n - 2, plus `initial_memory`), in >= float32. codes (B, nC), value (B, nC, H), key_mask (B, nC): the
+    """Each block's memory: per-code counts (B, n, S) and value sums (B, n, S, H) of the keys outside its window
+    (causal: blocks <= n - 2, plus `initial_memory`), in >= float32. codes (B, nC), value (B, nC, H), key_mask (B, nC): the
     sequence padded to whole blocks.
 
     Per-block code counts and value sums are scattered straight into their place in a (B, n + 2, S, ...) grid of block
@@ -313,7 +313,9 @@ def _kernel_attention(
     num_blocks = -(-length // chunk_size)
     query, key, value, codes, key_mask = _pad_to_blocks(chunk_size, query, key, value, codes, key_mask)
     if memory:
-        counts, sums = _block_memory(codes, value, key_mask, codebook.shape[0], chunk_size, bidirectional, initial_memory)
+        counts, sums = _block_memory(
+            codes, value, key_mask, codebook.shape[0], chunk_size, bidirectional, initial_memory
+        )  # fmt: skip
     else:
         codebook = codebook[:0]
         counts = torch.zeros(batch, num_blocks, 0, device=query.device)

@@ -100,15 +100,22 @@ def _memory_logits(
 @jit
 def _memory_means(memory_sums, block, codes, counts, codebook_size, h, h_dim, dtype: tl.constexpr):
     """The memory's values `sums_s / N_s` (codes, h) of block `block`, in `dtype` (0 where N_s = 0)."""
-    index = (block * codebook_size + codes)[:, None] * h_dim + h[None, :]
-    sums = tl.load(memory_sums + index, mask=(codes[:, None] < codebook_size) & (h[None, :] < h_dim), other=0.0)
+    sums = _load_rows(memory_sums, block * codebook_size + codes, codes < codebook_size, h, h_dim)
     return (sums / tl.maximum(counts, 1.0)[:, None]).to(dtype)
 
 
 @jit
 def _load_rows(tensor, rows, in_rows, columns, width):
     """tensor[rows, columns] of a row-major (., width) tensor, zeros outside `in_rows` and `columns < width`."""
-    return tl.load(tensor + rows[:, None] * width + columns[None, :], mask=in_rows[:, None] & (columns[None, :] < width), other=0.0)
+    inside = in_rows[:, None] & (columns[None, :] < width)
+    return tl.load(tensor + rows[:, None] * width + columns[None, :], mask=inside, other=0.0)
+
+
+@jit
+def _store_rows(tensor, rows, in_rows, columns, width, values):
+    """tensor[rows, columns] = values in a row-major (., width) tensor, inside `in_rows` and `columns < width`."""
+    inside = in_rows[:, None] & (columns[None, :] < width)
+    tl.store(tensor + rows[:, None] * width + columns[None, :], values, mask=inside)
 
 
 @jit
@@ -124,9 +131,10 @@ def _softmax_step(m_i, l_i, acc, logits, values, PRECISION: tl.constexpr):
 @jit
 def _window_end(row_tile, chunk_size, width, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """One past the last window column a causal tile of queries can see (query slot i sees columns <= C + i)."""
+    end = width
     if CAUSAL:
-        return tl.minimum(width, chunk_size + (row_tile + 1) * BLOCK_M)
-    return width
+        end = tl.minimum(width, chunk_size + (row_tile + 1) * BLOCK_M)
+    return end
 
 
 @jit
@@ -160,7 +168,7 @@ def _forward_kernel(
         )  # fmt: skip
         means = _memory_means(memory_sums, block, codes, counts, codebook_size, h, h_dim, value.dtype.element_ty)
         m_i, l_i, acc = _softmax_step(m_i, l_i, acc, logits, means, PRECISION)
-    tl.store(out + queries[:, None] * h_dim + h[None, :], acc / l_i[:, None], mask=in_rows[:, None] & (h[None, :] < h_dim))
+    _store_rows(out, queries, in_rows, h, h_dim, acc / l_i[:, None])
     tl.store(lse + queries, m_i + tl.log(l_i), mask=in_rows)
 
 
@@ -172,7 +180,9 @@ def _probabilities(logits, lse, queries, in_rows):
 
 
 @jit
-def _output_grad_dot(grad_out, queries, in_rows, values, value_rows, in_values, h_dim, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+def _output_grad_dot(
+    grad_out, queries, in_rows, values, value_rows, in_values, h_dim, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr
+):  # fmt: skip
     """dP = dO V^T for a tile: (rows, value rows) dot products over all of H, H tile by H tile."""
     dp = tl.zeros([queries.shape[0], value_rows.shape[0]], tl.float32)
     for h_start in range(0, h_dim, BLOCK_H):
@@ -209,7 +219,7 @@ def _query_grad_kernel(
         dp = _output_grad_dot(grad_out, queries, in_rows, value, tokens, valid, h_dim, BLOCK_H, PRECISION)
         ds = p * (dp - row_delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(grad_bias + queries[:, None] * width + cols[None, :], ds, mask=in_rows[:, None] & (cols[None, :] < width))
+        _store_rows(grad_bias, queries, in_rows, cols, width, ds)
     for start in range(0, codebook_size, BLOCK_S):
         codes = start + tl.arange(0, BLOCK_S)
         logits, c, counts = _memory_logits(
@@ -221,7 +231,7 @@ def _query_grad_kernel(
         dp = _output_grad_dot(grad_out, queries, in_rows, memory_sums, sum_rows, in_book, h_dim, BLOCK_H, PRECISION)
         ds = p * (dp / tl.maximum(counts, 1.0)[None, :] - row_delta[:, None])
         dq += tl.dot(ds.to(c.dtype), c, input_precision=PRECISION)
-    tl.store(grad_query + queries[:, None] * z_dim + z[None, :], dq * scale, mask=in_rows[:, None] & (z[None, :] < z_dim))
+    _store_rows(grad_query, queries, in_rows, z, z_dim, dq * scale)
 
 
 @jit
@@ -244,18 +254,23 @@ def _reader_tile(
 
 
 @jit
-def _key_grad_kernel(
-    query, key, value, key_mask, bias, grad_out, lse, delta, grad_key, total_blocks, num_blocks, chunk_size, width,
-    z_dim, h_dim, scale, READERS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+def _key_value_grad_kernel(
+    query, key, value, key_mask, bias, grad_out, lse, delta, grad, total_blocks, num_blocks, chunk_size, width, z_dim,
+    h_dim, scale, KEYS: tl.constexpr, READERS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Program (block, key tile): dk of the keys, from every query block that sees them in its window."""
+    """Program (block, key tile) with KEYS: dk = dS^T q of the keys, into grad (B*n, C, Z); program (block, key tile,
+    H tile) without: dv = P^T dO of the values, into grad (B*n, C, H); both from every query block that sees the keys
+    in its window."""
     block = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keys = block * chunk_size + slots
     in_slots = slots < chunk_size
-    z = tl.arange(0, BLOCK_Z)
-    dk = tl.zeros([BLOCK_N, BLOCK_Z], tl.float32)
+    if KEYS:
+        columns, grad_width = tl.arange(0, BLOCK_Z), z_dim
+    else:
+        columns, grad_width = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H), h_dim
+    acc = tl.zeros([BLOCK_N, columns.shape[0]], tl.float32)
     for reader in range(READERS):
         for row_start in range(0, chunk_size, BLOCK_M):
             rows = row_start + tl.arange(0, BLOCK_M)
@@ -263,35 +278,15 @@ def _key_grad_kernel(
                 query, key, key_mask, bias, lse, block, reader, rows, slots, total_blocks, num_blocks, chunk_size,
                 width, z_dim, scale, CAUSAL, BLOCK_Z, PRECISION,
             )  # fmt: skip
-            dp = _output_grad_dot(grad_out, queries, in_rows, value, keys, in_slots, h_dim, BLOCK_H, PRECISION)
-            row_delta = tl.load(delta + queries, mask=in_rows, other=0.0)
-            ds = p * (dp - row_delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(grad_key + keys[:, None] * z_dim + z[None, :], dk * scale, mask=in_slots[:, None] & (z[None, :] < z_dim))
-
-
-@jit
-def _value_grad_kernel(
-    query, key, key_mask, bias, grad_out, lse, grad_value, total_blocks, num_blocks, chunk_size, width, z_dim, h_dim,
-    scale, READERS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Program (block, key tile, H tile): dv = P^T dO of the values, from every query block that sees them."""
-    block = tl.program_id(0).to(tl.int64)
-    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    dv = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
-    for reader in range(READERS):
-        for row_start in range(0, chunk_size, BLOCK_M):
-            rows = row_start + tl.arange(0, BLOCK_M)
-            p, _, queries, in_rows = _reader_tile(
-                query, key, key_mask, bias, lse, block, reader, rows, slots, total_blocks, num_blocks, chunk_size,
-                width, z_dim, scale, CAUSAL, BLOCK_Z, PRECISION,
-            )  # fmt: skip
-            d_out = _load_rows(grad_out, queries, in_rows, h, h_dim)
-            dv += tl.dot(tl.trans(p.to(d_out.dtype)), d_out, input_precision=PRECISION)
-    keys = block * chunk_size + slots
-    tl.store(grad_value + keys[:, None] * h_dim + h[None, :], dv, mask=(slots[:, None] < chunk_size) & (h[None, :] < h_dim))
+            if KEYS:  # dS = P (dP - delta)
+                dp = _output_grad_dot(grad_out, queries, in_rows, value, keys, in_slots, h_dim, BLOCK_H, PRECISION)
+                row_delta = tl.load(delta + queries, mask=in_rows, other=0.0)
+                ds = p * (dp - row_delta[:, None])
+                acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            else:
+                d_out = _load_rows(grad_out, queries, in_rows, columns, h_dim)
+                acc += tl.dot(tl.trans(p.to(d_out.dtype)), d_out, input_precision=PRECISION)
+    _store_rows(grad, keys, in_slots, columns, grad_width, acc)
 
 
 @jit
@@ -316,8 +311,7 @@ def _memory_grad_kernel(
         p = _probabilities(logits, lse, queries, in_rows) / tl.maximum(counts, 1.0)[None, :]
         d_out = _load_rows(grad_out, queries, in_rows, h, h_dim).to(tl.float32)
         d_sums += tl.dot(tl.trans(p), d_out, input_precision=PRECISION)
-    index = (block * codebook_size + codes)[:, None] * h_dim + h[None, :]
-    tl.store(grad_sums + index, d_sums, mask=(codes[:, None] < codebook_size) & (h[None, :] < h_dim))
+    _store_rows(grad_sums, block * codebook_size + codes, codes < codebook_size, h, h_dim, d_sums)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -331,7 +325,8 @@ def _tile(size: int, largest: int = 64) -> int:
 
 
 def _launch_settings(query, value, codebook, causal):
-    """Shapes and compile-time settings shared by the launches."""
+    """What the launches share: the sizes, the compile-time tiles (the codeword tile apart: not every kernel takes it)
+    and the number of programs along each axis. fp32 matmuls run in full precision unless torch's own do not."""
     total_blocks, chunk_size, z_dim = query.shape
     h_dim, codebook_size = value.shape[-1], codebook.shape[0]
     precision = "ieee" if query.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -339,8 +334,14 @@ def _launch_settings(query, value, codebook, causal):
         BLOCK_M=_tile(chunk_size), BLOCK_N=_tile(chunk_size), BLOCK_Z=_tile(z_dim, largest=_LARGEST_Z),
         BLOCK_H=_tile(h_dim), PRECISION=precision,
     )  # fmt: skip
+    codeword_tile = _tile(codebook_size)
     shape = dict(chunk_size=chunk_size, width=(2 if causal else 3) * chunk_size, z_dim=z_dim, h_dim=h_dim)
-    return total_blocks, codebook_size, tiles, shape
+    programs = dict(
+        blocks=total_blocks, rows=triton.cdiv(chunk_size, tiles["BLOCK_M"]),
+        keys=triton.cdiv(chunk_size, tiles["BLOCK_N"]), h=triton.cdiv(h_dim, tiles["BLOCK_H"]),
+        codes=triton.cdiv(codebook_size, codeword_tile),
+    )  # fmt: skip
+    return shape, tiles, codeword_tile, programs
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -358,14 +359,13 @@ def _attention_forward(
     codebook: torch.Tensor, memory_counts: torch.Tensor, memory_sums: torch.Tensor, num_blocks: int, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The kernel's output (B*n, C, H) and per-query logsumexp (B*n, C) float32."""
-    total_blocks, codebook_size, tiles, shape = _launch_settings(query, value, codebook, causal)
+    shape, tiles, codeword_tile, programs = _launch_settings(query, value, codebook, causal)
     out = torch.empty_like(value)
     lse = torch.empty(query.shape[:2], device=query.device, dtype=torch.float32)
-    grid = (total_blocks, triton.cdiv(shape["chunk_size"], tiles["BLOCK_M"]), triton.cdiv(shape["h_dim"], tiles["BLOCK_H"]))
-    _forward_kernel[grid](
+    _forward_kernel[(programs["blocks"], programs["rows"], programs["h"])](
         query, key, value, key_mask, bias, _nonempty(codebook), _nonempty(memory_counts), _nonempty(memory_sums), out,
-        lse, num_blocks, codebook_size=codebook_size, scale=shape["z_dim"] ** -0.5, CAUSAL=causal,
-        BLOCK_S=_tile(codebook_size), **shape, **tiles,
+        lse, num_blocks, codebook_size=codebook.shape[0], scale=shape["z_dim"] ** -0.5, CAUSAL=causal,
+        BLOCK_S=codeword_tile, **shape, **tiles,
     )  # fmt: skip
     return out, lse
 
@@ -382,33 +382,28 @@ def _attention_backward(
     out: torch.Tensor, lse: torch.Tensor, num_blocks: int, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients w.r.t. query, key, value, the (C, W) bias and the memory sums."""
-    total_blocks, codebook_size, tiles, shape = _launch_settings(query, value, codebook, causal)
-    chunk_size, h_dim, scale = shape["chunk_size"], shape["h_dim"], shape["z_dim"] ** -0.5
+    shape, tiles, codeword_tile, programs = _launch_settings(query, value, codebook, causal)
+    blocks, codebook_size, scale = programs["blocks"], codebook.shape[0], shape["z_dim"] ** -0.5
     delta = (grad_out.float() * out.float()).sum(-1)  # (B*n, C): rowsum(dO * O)
     grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    grad_bias = torch.zeros(total_blocks, chunk_size, shape["width"], device=query.device, dtype=torch.float32)
+    grad_bias = torch.zeros(blocks, shape["chunk_size"], shape["width"], device=query.device, dtype=torch.float32)
     grad_sums = torch.zeros_like(memory_sums)
-    codebook_tile = _tile(codebook_size)
     memory = (_nonempty(codebook), _nonempty(memory_counts), _nonempty(memory_sums))
-    row_tiles, h_tiles = triton.cdiv(chunk_size, tiles["BLOCK_M"]), triton.cdiv(h_dim, tiles["BLOCK_H"])
-    _query_grad_kernel[(total_blocks, row_tiles)](
+    _query_grad_kernel[(blocks, programs["rows"])](
         query, key, value, key_mask, bias, *memory, grad_out, lse, delta, grad_query, grad_bias, num_blocks,
-        codebook_size=codebook_size, scale=scale, CAUSAL=causal, BLOCK_S=codebook_tile, **shape, **tiles,
+        codebook_size=codebook_size, scale=scale, CAUSAL=causal, BLOCK_S=codeword_tile, **shape, **tiles,
     )  # fmt: skip
-    key_tiles, readers = triton.cdiv(chunk_size, tiles["BLOCK_N"]), 2 if causal else 3
-    _key_grad_kernel[(total_blocks, key_tiles)](
-        query, key, value, key_mask, bias, grad_out, lse, delta, grad_key, total_blocks, num_blocks, scale=scale, READERS=readers,
-        CAUSAL=causal, **shape, **tiles,
-    )  # fmt: skip
-    _value_grad_kernel[(total_blocks, key_tiles, h_tiles)](
-        query, key, key_mask, bias, grad_out, lse, grad_value, total_blocks, num_blocks, scale=scale, READERS=readers,
-        CAUSAL=causal, **shape, **tiles,
+    arguments = (query, key, value, key_mask, bias, grad_out, lse, delta)
+    settings = dict(scale=scale, READERS=2 if causal else 3, CAUSAL=causal, **shape, **tiles)
+    _key_value_grad_kernel[(blocks, programs["keys"])](*arguments, grad_key, blocks, num_blocks, KEYS=True, **settings)
+    _key_value_grad_kernel[(blocks, programs["keys"], programs["h"])](
+        *arguments, grad_value, blocks, num_blocks, KEYS=False, **settings
     )  # fmt: skip
     if codebook_size:
-        _memory_grad_kernel[(total_blocks, triton.cdiv(codebook_size, codebook_tile), h_tiles)](
-            query, codebook, memory_counts, grad_out, lse, grad_sums, chunk_size, codebook_size, shape["z_dim"], h_dim,
-            scale, BLOCK_M=tiles["BLOCK_M"], BLOCK_S=codebook_tile, BLOCK_Z=tiles["BLOCK_Z"],
-            BLOCK_H=tiles["BLOCK_H"], PRECISION=tiles["PRECISION"],
+        _memory_grad_kernel[(blocks, programs["codes"], programs["h"])](
+            query, codebook, memory_counts, grad_out, lse, grad_sums, shape["chunk_size"], codebook_size,
+            shape["z_dim"], shape["h_dim"], scale, BLOCK_M=tiles["BLOCK_M"], BLOCK_S=codeword_tile,
+            BLOCK_Z=tiles["BLOCK_Z"], BLOCK_H=tiles["BLOCK_H"], PRECISION=tiles["PRECISION"],
         )  # fmt: skip
     return grad_query, grad_key, grad_value, grad_bias.sum(0), grad_sums
 
@@ -416,7 +411,8 @@ def _attention_backward(
 @_attention_backward.register_fake
 def _(grad_out, query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, out, lse, num_blocks, causal):
     grad_bias = bias.new_empty(bias.shape, dtype=torch.float32)
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_bias, torch.empty_like(memory_sums)
+    grads = (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value))
+    return *grads, grad_bias, torch.empty_like(memory_sums)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -435,7 +431,9 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
-def blockwise_attention_triton(query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, num_blocks, bidirectional):
+def blockwise_attention_triton(
+    query, key, value, key_mask, bias, codebook, memory_counts, memory_sums, num_blocks, bidirectional
+):  # fmt: skip
     """Block-wise VQ-attention of flat blocks through the Triton kernels, differentiable w.r.t. query, key, value, bias
     and memory_sums (the codebook is read as a constant).
 
@@ -449,8 +447,9 @@ def blockwise_attention_triton(query, key, value, key_mask, bias, codebook, memo
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else query.dtype
     out, _ = _attention_forward(
-        query.to(dtype).contiguous(), key.to(dtype).contiguous(), value.to(dtype if autocast else value.dtype).contiguous(),
-        key_mask.to(torch.int8).contiguous(), bias.float().contiguous(), codebook.detach().to(dtype).contiguous(),
-        memory_counts.float().contiguous(), memory_sums.float().contiguous(), num_blocks, not bidirectional,
+        query.to(dtype).contiguous(), key.to(dtype).contiguous(),
+        value.to(dtype if autocast else value.dtype).contiguous(), key_mask.to(torch.int8).contiguous(),
+        bias.float().contiguous(), codebook.detach().to(dtype).contiguous(), memory_counts.float().contiguous(),
+        memory_sums.float().contiguous(), num_blocks, not bidirectional,
     )  # fmt: skip
     return out

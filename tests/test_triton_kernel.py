@@ -199,3 +199,32 @@ def test_kernel_under_autocast_runs_in_half_precision():
     torch.testing.assert_close(kernel_out, out, atol=1e-2, rtol=1e-2)
     for kernel_grad, grad in zip(kernel_grads, grads):
         torch.testing.assert_close(kernel_grad, grad, atol=1e-2 * grad.abs().max().item(), rtol=1e-2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_model_through_the_kernel(tiny_config, bidirectional):
+    """A tiny model's loss and every parameter gradient are the same through the kernel, padding included, with the
+    kernel taken by the model's own call of VQ-attention (in eval mode: a training forward moves the codebook)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = tiny_config(bidirectional=bidirectional, num_labels=3)
+    auto = AutoModelForSequenceClassification if bidirectional else AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    input_ids = torch.randint(0, config.vocab_size, (2, 19))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0
+    labels = torch.tensor([0, 2]) if bidirectional else input_ids.masked_fill(attention_mask == 0, -100)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    kernel_loss, kernel_grads = _through_kernel(loss_and_grads)
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(kernel_loss, loss, atol=1e-5, rtol=1e-5)
+    assert kernel_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(kernel_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
