@@ -41,8 +41,11 @@ except ImportError:  # the PyTorch path runs instead; the kernels below stay pla
         return fn
 
 
-_NEVER = -1.0e30  # logit of an entry a query does not see (finite: a row that sees nothing stays finite)
 _LARGEST_Z = 256  # a (tile, Z) block of queries, keys and query gradients lives in registers
+# Tiles of 64 queries and H columns, 32 keys or codewords, 8 warps: with Z = 128 the kernels compile for sm_90
+# (Triton 3.9) without register spills in the forward and with at most 112 bytes of spills per thread in the backward
+# (`cuobjdump -res-usage`); 64 keys or 4 warps spill kilobytes. Not timed on a GPU yet.
+_ROW_TILE, _KEY_TILE, _NUM_WARPS = 64, 32, 8
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -57,6 +60,12 @@ def kernel_supports(query: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@jit
+def _masked(logits, seen):
+    """The logits where `seen`, else -1e30: finite, so that a row that sees nothing stays finite (uniform weights)."""
+    return tl.where(seen, logits, -1.0e30)
 
 
 @jit
@@ -79,7 +88,7 @@ def _window_logits(
     seen = valid[None, :] & in_bias
     if CAUSAL:
         seen = seen & (cols[None, :] <= rows[:, None] + chunk_size)
-    return tl.where(seen, logits, _NEVER), k, tokens, valid
+    return _masked(logits, seen), k, tokens, valid
 
 
 @jit
@@ -94,7 +103,7 @@ def _memory_logits(
     c = tl.load(codebook + codes[:, None] * z_dim + z[None, :], mask=in_book[:, None] & (z[None, :] < z_dim), other=0.0)
     counts = tl.load(memory_counts + block * codebook_size + codes, mask=in_book, other=0.0)
     logits = tl.dot(q, tl.trans(c), input_precision=PRECISION) * scale + tl.log(tl.maximum(counts, 1.0))[None, :]
-    return tl.where((counts > 0)[None, :], logits, _NEVER), c, counts
+    return _masked(logits, (counts > 0)[None, :]), c, counts
 
 
 @jit
@@ -319,7 +328,7 @@ def _memory_grad_kernel(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _tile(size: int, largest: int = 64) -> int:
+def _tile(size: int, largest: int) -> int:
     """A tile edge for `size`: a power of two in [16, largest] (tl.dot needs >= 16)."""
     return max(16, min(largest, 1 << max(size - 1, 0).bit_length()))
 
@@ -331,10 +340,10 @@ def _launch_settings(query, value, codebook, causal):
     h_dim, codebook_size = value.shape[-1], codebook.shape[0]
     precision = "ieee" if query.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     tiles = dict(
-        BLOCK_M=_tile(chunk_size), BLOCK_N=_tile(chunk_size), BLOCK_Z=_tile(z_dim, largest=_LARGEST_Z),
-        BLOCK_H=_tile(h_dim), PRECISION=precision,
+        BLOCK_M=_tile(chunk_size, _ROW_TILE), BLOCK_N=_tile(chunk_size, _KEY_TILE), BLOCK_Z=_tile(z_dim, _LARGEST_Z),
+        BLOCK_H=_tile(h_dim, _ROW_TILE), PRECISION=precision, num_warps=_NUM_WARPS,
     )  # fmt: skip
-    codeword_tile = _tile(codebook_size)
+    codeword_tile = _tile(codebook_size, _KEY_TILE)
     shape = dict(chunk_size=chunk_size, width=(2 if causal else 3) * chunk_size, z_dim=z_dim, h_dim=h_dim)
     programs = dict(
         blocks=total_blocks, rows=triton.cdiv(chunk_size, tiles["BLOCK_M"]),
@@ -403,7 +412,7 @@ def _attention_backward(
         _memory_grad_kernel[(blocks, programs["codes"], programs["h"])](
             query, codebook, memory_counts, grad_out, lse, grad_sums, shape["chunk_size"], codebook_size,
             shape["z_dim"], shape["h_dim"], scale, BLOCK_M=tiles["BLOCK_M"], BLOCK_S=codeword_tile,
-            BLOCK_Z=tiles["BLOCK_Z"], BLOCK_H=tiles["BLOCK_H"], PRECISION=tiles["PRECISION"],
+            BLOCK_Z=tiles["BLOCK_Z"], BLOCK_H=tiles["BLOCK_H"], PRECISION=tiles["PRECISION"], num_warps=_NUM_WARPS,
         )  # fmt: skip
     return grad_query, grad_key, grad_value, grad_bias.sum(0), grad_sums
 

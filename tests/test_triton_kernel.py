@@ -228,3 +228,33 @@ def test_model_through_the_kernel(tiny_config, bidirectional):
     assert kernel_grads.keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(kernel_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _compile_for_sm90(kernel, constexprs):
+    """Compile a kernel with Triton's own compiler for an H100 (sm_90) target: no GPU needed, and it checks what the
+    interpreter does not (global names, types, layouts)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"query": "*bf16", "key": "*bf16", "value": "*bf16", "codebook": "*bf16", "out": "*bf16",
+                "grad_out": "*bf16", "grad_query": "*bf16", "grad": "*bf16", "key_mask": "*i8"}  # fmt: skip
+    float_pointers = {"bias", "memory_counts", "memory_sums", "lse", "delta", "grad_bias", "grad_sums"}
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, "*fp32" if name in float_pointers else "i32")
+        for name in kernel.arg_names
+    }  # fmt: skip
+    signature["scale"] = "fp32"
+    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernels, which the interpreter replaces")
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])  # ~10 s each
+def test_kernels_compile_for_a_gpu(causal):
+    tiles = dict(BLOCK_M=64, BLOCK_Z=128, BLOCK_H=64, PRECISION="tf32")
+    window = dict(CAUSAL=causal, BLOCK_N=32, **tiles)
+    _compile_for_sm90(triton_longvq._forward_kernel, dict(window, BLOCK_S=32))
+    _compile_for_sm90(triton_longvq._query_grad_kernel, dict(window, BLOCK_S=32))
+    for keys in (True, False):
+        _compile_for_sm90(triton_longvq._key_value_grad_kernel, dict(window, KEYS=keys, READERS=2 if causal else 3))
+    _compile_for_sm90(triton_longvq._memory_grad_kernel, dict(tiles, BLOCK_S=32))
