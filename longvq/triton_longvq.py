@@ -128,6 +128,15 @@ def _store_rows(tensor, rows, in_rows, columns, width, values):
 
 
 @jit
+def _query_rows(query, block, rows, chunk_size, z_dim, BLOCK_Z: tl.constexpr):
+    """Query slots `rows` of flat block `block`: their flat indices, which of them exist (none when the block lies
+    outside the batch) and the queries (rows, BLOCK_Z)."""
+    queries = block * chunk_size + rows
+    in_rows = (rows < chunk_size) & (queries >= 0) & (queries < tl.num_programs(0) * chunk_size)
+    return queries, in_rows, _load_rows(query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim)
+
+
+@jit
 def _softmax_step(m_i, l_i, acc, logits, values, PRECISION: tl.constexpr):
     """One online-softmax update with a tile of logits (rows, cols) and their values (cols, h)."""
     m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -157,9 +166,7 @@ def _forward_kernel(
     block = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    in_rows = rows < chunk_size
-    queries = block * chunk_size + rows
-    q = _load_rows(query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim)
+    queries, in_rows, q = _query_rows(query, block, rows, chunk_size, z_dim, BLOCK_Z)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
@@ -212,10 +219,7 @@ def _query_grad_kernel(
     """Program (block, query tile): dq of the rows, and dS of the window (the bias gradient of this block)."""
     block = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = rows < chunk_size
-    queries = block * chunk_size + rows
-    z = tl.arange(0, BLOCK_Z)
-    q = _load_rows(query, queries, in_rows, z, z_dim)
+    queries, in_rows, q = _query_rows(query, block, rows, chunk_size, z_dim, BLOCK_Z)
     row_delta = tl.load(delta + queries, mask=in_rows, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_Z], tl.float32)
     for start in range(0, _window_end(tl.program_id(1), chunk_size, width, CAUSAL, BLOCK_M), BLOCK_N):
@@ -240,21 +244,19 @@ def _query_grad_kernel(
         dp = _output_grad_dot(grad_out, queries, in_rows, memory_sums, sum_rows, in_book, h_dim, BLOCK_H, PRECISION)
         ds = p * (dp / tl.maximum(counts, 1.0)[None, :] - row_delta[:, None])
         dq += tl.dot(ds.to(c.dtype), c, input_precision=PRECISION)
-    _store_rows(grad_query, queries, in_rows, z, z_dim, dq * scale)
+    _store_rows(grad_query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim, dq * scale)
 
 
 @jit
 def _reader_tile(
-    query, key, key_mask, bias, lse, block, reader, rows, slots, total_blocks, num_blocks, chunk_size, width, z_dim,
-    scale, CAUSAL: tl.constexpr, BLOCK_Z: tl.constexpr, PRECISION: tl.constexpr,
+    query, key, key_mask, bias, lse, block, reader, rows, slots, num_blocks, chunk_size, width, z_dim, scale,
+    CAUSAL: tl.constexpr, BLOCK_Z: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """For key slots `slots` of flat block `block` and query slots `rows` of the block that has them as its window
     block `reader` (0: previous, so block + 1; 1: its own; 2: next, so block - 1): the probabilities (rows, slots), the
     queries (rows, BLOCK_Z), their flat indices and which rows exist."""
     query_block = block + 1 - reader
-    queries = query_block * chunk_size + rows
-    in_rows = (rows < chunk_size) & (queries >= 0) & (queries < total_blocks * chunk_size)  # query_block exists
-    q = _load_rows(query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim)
+    queries, in_rows, q = _query_rows(query, query_block, rows, chunk_size, z_dim, BLOCK_Z)
     logits, _, _, _ = _window_logits(
         q, key, key_mask, bias, query_block, rows, reader * chunk_size + slots, num_blocks, chunk_size, width, z_dim,
         scale, CAUSAL, BLOCK_Z, PRECISION,
@@ -264,8 +266,8 @@ def _reader_tile(
 
 @jit
 def _key_value_grad_kernel(
-    query, key, value, key_mask, bias, grad_out, lse, delta, grad, total_blocks, num_blocks, chunk_size, width, z_dim,
-    h_dim, scale, KEYS: tl.constexpr, READERS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    query, key, value, key_mask, bias, grad_out, lse, delta, grad, num_blocks, chunk_size, width, z_dim, h_dim, scale,
+    KEYS: tl.constexpr, READERS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (block, key tile) with KEYS: dk = dS^T q of the keys, into grad (B*n, C, Z); program (block, key tile,
@@ -284,8 +286,8 @@ def _key_value_grad_kernel(
         for row_start in range(0, chunk_size, BLOCK_M):
             rows = row_start + tl.arange(0, BLOCK_M)
             p, q, queries, in_rows = _reader_tile(
-                query, key, key_mask, bias, lse, block, reader, rows, slots, total_blocks, num_blocks, chunk_size,
-                width, z_dim, scale, CAUSAL, BLOCK_Z, PRECISION,
+                query, key, key_mask, bias, lse, block, reader, rows, slots, num_blocks, chunk_size, width, z_dim,
+                scale, CAUSAL, BLOCK_Z, PRECISION,
             )  # fmt: skip
             if KEYS:  # dS = P (dP - delta)
                 dp = _output_grad_dot(grad_out, queries, in_rows, value, keys, in_slots, h_dim, BLOCK_H, PRECISION)
@@ -310,10 +312,7 @@ def _memory_grad_kernel(
     h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     d_sums = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
     for row_start in range(0, chunk_size, BLOCK_M):
-        rows = row_start + tl.arange(0, BLOCK_M)
-        in_rows = rows < chunk_size
-        queries = block * chunk_size + rows
-        q = _load_rows(query, queries, in_rows, tl.arange(0, BLOCK_Z), z_dim)
+        queries, in_rows, q = _query_rows(query, block, row_start + tl.arange(0, BLOCK_M), chunk_size, z_dim, BLOCK_Z)
         logits, _, counts = _memory_logits(
             q, codebook, memory_counts, block, codes, codebook_size, z_dim, scale, BLOCK_Z, PRECISION
         )  # fmt: skip
@@ -404,9 +403,9 @@ def _attention_backward(
     )  # fmt: skip
     arguments = (query, key, value, key_mask, bias, grad_out, lse, delta)
     settings = dict(scale=scale, READERS=2 if causal else 3, CAUSAL=causal, **shape, **tiles)
-    _key_value_grad_kernel[(blocks, programs["keys"])](*arguments, grad_key, blocks, num_blocks, KEYS=True, **settings)
+    _key_value_grad_kernel[(blocks, programs["keys"])](*arguments, grad_key, num_blocks, KEYS=True, **settings)
     _key_value_grad_kernel[(blocks, programs["keys"], programs["h"])](
-        *arguments, grad_value, blocks, num_blocks, KEYS=False, **settings
+        *arguments, grad_value, num_blocks, KEYS=False, **settings
     )  # fmt: skip
     if codebook_size:
         _memory_grad_kernel[(blocks, programs["codes"], programs["h"])](
