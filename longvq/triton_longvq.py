@@ -63,6 +63,20 @@ def kernel_supports(query: torch.Tensor) -> bool:
 
 
 @jit
+def _load_rows(tensor, rows, in_rows, columns, width):
+    """tensor[rows, columns] of a row-major (., width) tensor, zeros outside `in_rows` and `columns < width`."""
+    inside = in_rows[:, None] & (columns[None, :] < width)
+    return tl.load(tensor + rows[:, None] * width + columns[None, :], mask=inside, other=0.0)
+
+
+@jit
+def _store_rows(tensor, rows, in_rows, columns, width, values):
+    """tensor[rows, columns] = values in a row-major (., width) tensor, inside `in_rows` and `columns < width`."""
+    inside = in_rows[:, None] & (columns[None, :] < width)
+    tl.store(tensor + rows[:, None] * width + columns[None, :], values, mask=inside)
+
+
+@jit
 def _masked(logits, seen):
     """The logits where `seen`, else -1e30: finite, so that a row that sees nothing stays finite (uniform weights)."""
     return tl.where(seen, logits, -1.0e30)
@@ -80,12 +94,10 @@ def _window_logits(
     tokens = block * chunk_size - chunk_size + cols
     valid = (cols < width) & (neighbour >= 0) & (neighbour < num_blocks)
     valid = valid & (tl.load(key_mask + tokens, mask=valid, other=0) != 0)
-    z = tl.arange(0, BLOCK_Z)
-    k = tl.load(key + tokens[:, None] * z_dim + z[None, :], mask=valid[:, None] & (z[None, :] < z_dim), other=0.0)
-    in_bias = (rows[:, None] < chunk_size) & (cols[None, :] < width)
-    window_bias = tl.load(bias + rows[:, None] * width + cols[None, :], mask=in_bias, other=0.0)
+    k = _load_rows(key, tokens, valid, tl.arange(0, BLOCK_Z), z_dim)
+    window_bias = _load_rows(bias, rows, rows < chunk_size, cols, width)
     logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + window_bias
-    seen = valid[None, :] & in_bias
+    seen = valid[None, :] & (rows[:, None] < chunk_size)
     if CAUSAL:
         seen = seen & (cols[None, :] <= rows[:, None] + chunk_size)
     return _masked(logits, seen), k, tokens, valid
@@ -98,9 +110,8 @@ def _memory_logits(
 ):  # fmt: skip
     """Logits (rows, codes) `q.c_s / sqrt(Z) + log N_s` of the queries q against codewords `codes` of block `block`'s
     memory (never where N_s = 0), with the codewords (codes, BLOCK_Z) and their counts N_s."""
-    z = tl.arange(0, BLOCK_Z)
     in_book = codes < codebook_size
-    c = tl.load(codebook + codes[:, None] * z_dim + z[None, :], mask=in_book[:, None] & (z[None, :] < z_dim), other=0.0)
+    c = _load_rows(codebook, codes, in_book, tl.arange(0, BLOCK_Z), z_dim)
     counts = tl.load(memory_counts + block * codebook_size + codes, mask=in_book, other=0.0)
     logits = tl.dot(q, tl.trans(c), input_precision=PRECISION) * scale + tl.log(tl.maximum(counts, 1.0))[None, :]
     return _masked(logits, (counts > 0)[None, :]), c, counts
@@ -111,20 +122,6 @@ def _memory_means(memory_sums, block, codes, counts, codebook_size, h, h_dim, dt
     """The memory's values `sums_s / N_s` (codes, h) of block `block`, in `dtype` (0 where N_s = 0)."""
     sums = _load_rows(memory_sums, block * codebook_size + codes, codes < codebook_size, h, h_dim)
     return (sums / tl.maximum(counts, 1.0)[:, None]).to(dtype)
-
-
-@jit
-def _load_rows(tensor, rows, in_rows, columns, width):
-    """tensor[rows, columns] of a row-major (., width) tensor, zeros outside `in_rows` and `columns < width`."""
-    inside = in_rows[:, None] & (columns[None, :] < width)
-    return tl.load(tensor + rows[:, None] * width + columns[None, :], mask=inside, other=0.0)
-
-
-@jit
-def _store_rows(tensor, rows, in_rows, columns, width, values):
-    """tensor[rows, columns] = values in a row-major (., width) tensor, inside `in_rows` and `columns < width`."""
-    inside = in_rows[:, None] & (columns[None, :] < width)
-    tl.store(tensor + rows[:, None] * width + columns[None, :], values, mask=inside)
 
 
 @jit
