@@ -43,7 +43,11 @@ setup(
         "jinja2>=3.1,<4",  # model-card template
         "tqdm>=4.66,<5",
     ],
-    extras_require={"test": ["pytest>=8,<10", "hypothesis>=6,<7", "peft>=0.21,<1", "lm-eval>=0.4.13,<0.5"]},
+    extras_require={
+        "test": ["pytest>=8,<10", "hypothesis>=6,<7", "peft>=0.21,<1", "lm-eval>=0.4.13,<0.5"],
+        # The fused VQ-attention kernel (CUDA); CI runs its tests on CPU under the Triton interpreter. Linux wheels only.
+        "triton": ["triton>=3.9,<4; platform_system == 'Linux'"],
+    },
     entry_points={
         "console_scripts": [
             "longvq-demo=longvq.cli:demo",

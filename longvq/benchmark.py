@@ -11,6 +11,8 @@ and depth), measured side by side in one run.
     (`torch.compile(fullgraph=True, dynamic=False)`, inductor), Llama's with the `StaticCache` transformers compiles
     it with.
 `all`: both, into one folder (JSON, PNG plots) with one summary of the targets.
+`kernel`: CUDA only: forward + backward of one layer's causal VQ-attention (bf16, one row) through the Triton kernel
+    and through the PyTorch path, with achieved FLOP/s against the measured bf16 matmul peak.
 """
 
 import argparse
@@ -22,11 +24,13 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from unittest import mock
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
+from . import ops_longvq
 from .configuration_longvq import LongVQConfig
 from .experiments.baselines import Reference, build_baseline, count_parameters
 from .experiments.plots import pyplot
@@ -94,6 +98,12 @@ class TrainResult:
     compile_seconds: float | None = None  # compiled only: the first step's time less a timed step's
 
 
+def attention_multiply_adds(chunk_size: int, codebook_size: int, z_dim: int, h_dim: int) -> int:
+    """Multiply-adds of VQ-attention per token: the logits over the 2C window keys and the S codewords (Z each) and the
+    weighted sum over 2C window values and S memory means (H each)."""
+    return (2 * chunk_size + codebook_size) * (z_dim + h_dim)
+
+
 def longvq_train_flops(config: LongVQConfig, length: int) -> float:
     """FLOP model of one LongVQ forward + backward over `length` tokens (backward = 2x forward, so 3x forward).
 
@@ -107,22 +117,68 @@ def longvq_train_flops(config: LongVQConfig, length: int) -> float:
     d, h, z = config.hidden_size, config.intermediate_size, config.shared_representation_size
     ffn = config.ffn_hidden_size or h
     projections = d * h + d * (2 * d + z + h) + h * d + 2 * d * ffn
-    window, codes = 2 * config.chunk_size, config.codebook_size
-    attention = (window + codes) * z + (window + codes) * h
+    attention = attention_multiply_adds(config.chunk_size, config.codebook_size, z, h)
     per_token = config.num_hidden_layers * (projections + attention) + d * config.vocab_size
     return 3 * 2 * per_token * length
 
 
-def measure_matmul_peak(size: int = 4096, repeats: int = 5) -> float:
-    """This machine's fp32 matmul FLOP/s: the best of `repeats` (size x size) @ (size x size) products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+def _best_seconds(fn, repeats: int, device: str) -> float:
+    """The best wall time of `fn()` over `repeats` runs after a warm-up one, synchronising a CUDA device."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
-        a @ b
+        fn()
+        synchronize()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return best
+
+
+def measure_matmul_peak(size: int = 4096, repeats: int = 5, device: str = "cpu", dtype=torch.float32) -> float:
+    """This machine's matmul FLOP/s on `device` in `dtype` (default fp32 on the CPU): the best of `repeats`
+    (size x size) @ (size x size) products."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    return 2 * size**3 / _best_seconds(lambda: a @ b, repeats, device)
+
+
+def measure_attention_kernel(
+    length: int = 16384, chunk_size: int = 256, codebook_size: int = 256, z_dim: int = 128, h_dim: int = 1024,
+    repeats: int = 10,
+) -> dict:  # fmt: skip
+    """Seconds per forward + backward of causal block-wise VQ-attention over one row of `length` bf16 tokens on CUDA,
+    through the Triton kernel and through the PyTorch path, each with its achieved FLOP/s
+    (`attention_multiply_adds`, backward = 2x forward), and the measured bf16 matmul peak."""
+    if not torch.cuda.is_available():
+        raise ValueError("the kernel benchmark needs a CUDA device")
+    if not ops_longvq.kernel_supports(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        raise ValueError("the kernel benchmark needs Triton (pip install triton)")
+    device, dtype = "cuda", torch.bfloat16
+    codebook = torch.randn(codebook_size, z_dim, device=device, dtype=dtype)
+    codes = torch.randint(0, codebook_size, (1, length), device=device)
+    query = torch.randn(1, length, z_dim, device=device, dtype=dtype, requires_grad=True)
+    key = codebook[codes].requires_grad_()
+    value = torch.randn(1, length, h_dim, device=device, dtype=dtype, requires_grad=True)
+    table = torch.randn(4 * chunk_size - 1, device=device, requires_grad=True)  # causal offsets lie in (-C, 2C)
+    mask = torch.ones(1, length, dtype=torch.bool, device=device)
+
+    def step():
+        out = ops_longvq._blockwise_attention(
+            query, key, value, codes, codebook, mask, lambda offsets: table[offsets + 2 * chunk_size - 1], chunk_size,
+            bidirectional=False,
+        )  # fmt: skip
+        out.backward(torch.ones_like(out))
+
+    kernel_seconds = _best_seconds(step, repeats, device)
+    with mock.patch.object(ops_longvq, "kernel_supports", lambda query: False):  # the PyTorch path, same tensors
+        torch_seconds = _best_seconds(step, repeats, device)
+    flops = 3 * 2 * attention_multiply_adds(chunk_size, codebook_size, z_dim, h_dim) * length
+    return {
+        "length": length, "kernel_seconds": kernel_seconds, "pytorch_seconds": torch_seconds,
+        "kernel_flops": flops / kernel_seconds, "pytorch_flops": flops / torch_seconds,
+        "bf16_matmul_peak": measure_matmul_peak(device=device, dtype=dtype),
+    }  # fmt: skip
 
 
 def _resident_bytes() -> int:
@@ -448,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         "decode": sub.add_parser("decode", help="per-token decode latency and state bytes versus context length"),
         "all": sub.add_parser("all", help="train and decode, one summary"),
     }
+    kernel = sub.add_parser("kernel", help="CUDA: the Triton VQ-attention kernel against the PyTorch path")
+    kernel.add_argument("--length", type=int, default=16384)
+    kernel.add_argument("--repeats", type=int, default=10)
     for name, mode in modes.items():
         mode.add_argument("--hidden-size", type=int, default=256)
         mode.add_argument("--layers", type=int, default=4)
@@ -491,6 +550,15 @@ def main(argv=None):
             torch.set_num_threads(threads)
         print(json.dumps(asdict(measure_train_point(args.name, args.length, **options))))
         return
+    if args.mode == "kernel":
+        result = measure_attention_kernel(args.length, repeats=args.repeats)
+        for path in ("kernel", "pytorch"):
+            print(
+                f"{path}: {result[f'{path}_seconds'] * 1e3:.2f} ms forward + backward at {args.length} tokens, "
+                f"{result[f'{path}_flops'] / 1e12:.1f} TFLOP/s "
+                f"(bf16 matmul peak {result['bf16_matmul_peak'] / 1e12:.0f} TFLOP/s)"
+            )  # fmt: skip
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -11,7 +11,8 @@
   at sampled query positions, for very long inputs).
 
 The tests compare every fast path with its twin. Copied into Hub checkpoints beside `modeling_longvq.py` (which
-imports it): standard library and torch only.
+imports it): standard library and torch only; on CUDA tensors the block-wise attention runs the fused Triton kernel of
+`triton_longvq` (copied with it) when Triton is installed.
 
 Shapes: B batch, T length, D hidden_size, H intermediate_size (value width), Z shared_representation_size,
 N ema_projection_size, S codebook_size, C chunk_size.
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .triton_longvq import blockwise_attention_triton, kernel_supports
 
 
 def autocast_off(x: torch.Tensor):
@@ -341,6 +344,79 @@ def code_statistics(codes: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor,
 
 
 
+def _block_memory(codes, value, key_mask, codebook_size, chunk_size, bidirectional, initial_memory):
+    """Each block's memory: per-code counts (B, n, S) and value sums (B, n, S, H) of the keys outside its window
+    (causal: blocks <= n - 2, plus `initial_memory`), in >= float32. codes (B, nC), value (B, nC, H), key_mask (B, nC): the
+    sequence padded to whole blocks.
+
+    Per-block code counts and value sums are scattered straight into their place in a (B, n + 2, S, ...) grid of block
+    totals (no one-hot); a cumulative sum over blocks then gives, for causal block n, the totals of blocks <= n - 2.
+    """
+    batch, h_dim, s_dim = codes.shape[0], value.shape[-1], codebook_size
+    num_blocks = codes.shape[1] // chunk_size
+    sums_dtype = torch.promote_types(value.dtype, torch.float32)
+    real = key_mask.reshape(batch, num_blocks, chunk_size)
+    grid_rows = torch.arange(num_blocks, device=codes.device)[:, None] + 2
+    grid_index = (grid_rows * s_dim + codes.view(batch, num_blocks, chunk_size)).view(batch, -1)
+    counts = torch.zeros(batch, (num_blocks + 2) * s_dim, device=codes.device, dtype=sums_dtype)
+    counts = counts.scatter_add_(1, grid_index, real.view(batch, -1).to(sums_dtype))
+    masked_values = value * key_mask.unsqueeze(-1).to(value.dtype)
+    sums = torch.zeros(batch, (num_blocks + 2) * s_dim, h_dim, device=codes.device, dtype=sums_dtype)
+    sums = sums.scatter_add_(1, grid_index.unsqueeze(-1).expand(-1, -1, h_dim), masked_values.to(sums_dtype))
+    counts, sums = counts.view(batch, num_blocks + 2, s_dim), sums.view(batch, num_blocks + 2, s_dim, h_dim)
+    if bidirectional:  # the whole sequence minus the window blocks n - 1, n, n + 1 (grid rows n + 1 .. n + 3)
+        padded_counts, padded_sums = F.pad(counts, (0, 0, 0, 1)), F.pad(sums, (0, 0, 0, 0, 0, 1))
+        memory_counts = counts.sum(1, keepdim=True) - sum(padded_counts[:, 1 + i : 1 + i + num_blocks] for i in range(3))
+        memory_sums = sums.sum(1, keepdim=True) - sum(padded_sums[:, 1 + i : 1 + i + num_blocks] for i in range(3))
+        return memory_counts.round(), memory_sums  # counts: exact integers despite the float subtraction
+    memory_counts = _prefix_sums(counts)[:, :num_blocks]
+    memory_sums = _prefix_sums(sums)[:, :num_blocks]
+    if initial_memory is not None:
+        memory_counts = memory_counts + initial_memory[0].unsqueeze(1).to(memory_counts.dtype)
+        memory_sums = memory_sums + initial_memory[1].unsqueeze(1).to(memory_sums.dtype)
+    return memory_counts, memory_sums
+
+
+def _pad_to_blocks(chunk_size, query, key, value, codes, key_mask):
+    """The inputs of `_blockwise_attention`, padded at the end to a whole number of blocks (padded keys masked)."""
+    pad = -query.shape[1] % chunk_size
+    if not pad:
+        return query, key, value, codes, key_mask
+    query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+    return query, key, value, F.pad(codes, (0, pad)), F.pad(key_mask, (0, pad), value=False)
+
+
+def _kernel_attention(
+    query, key, value, codes, codebook, key_mask, position_bias, chunk_size, bidirectional, initial_memory, memory
+):  # fmt: skip
+    """`_blockwise_attention` (same arguments, no dropout) through the fused Triton kernel of `triton_longvq`: the
+    memory statistics come from `_block_memory` (autograd carries the kernel's gradient w.r.t. the value sums back
+    through the prefix sums to the values), the (C, W) window bias from `position_bias`; the kernel does the rest.
+    Taken by `_blockwise_attention` for CUDA tensors when Triton is installed; the tests call it on CPU tensors under
+    Triton's interpreter. `memory=False` runs the same kernel with an empty codebook."""
+    batch, length, _ = query.shape
+    num_blocks = -(-length // chunk_size)
+    query, key, value, codes, key_mask = _pad_to_blocks(chunk_size, query, key, value, codes, key_mask)
+    if memory:
+        counts, sums = _block_memory(
+            codes, value, key_mask, codebook.shape[0], chunk_size, bidirectional, initial_memory
+        )  # fmt: skip
+    else:
+        codebook = codebook[:0]
+        counts = torch.zeros(batch, num_blocks, 0, device=query.device)
+        sums = torch.zeros(batch, num_blocks, 0, value.shape[-1], device=query.device)
+    bias = position_bias(window_offsets(chunk_size, bidirectional, device=query.device))
+
+    def blocks(t):
+        return t.reshape(batch * num_blocks, chunk_size, *t.shape[2:])
+
+    out = blockwise_attention_triton(
+        blocks(query), blocks(key), blocks(value), blocks(key_mask), bias, codebook, counts.flatten(0, 1),
+        sums.flatten(0, 1), num_blocks, bidirectional,
+    )  # fmt: skip
+    return out.reshape(batch, num_blocks * chunk_size, -1)[:, :length]
+
+
 def _blockwise_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -377,13 +453,15 @@ def _blockwise_attention(
 
     Returns (B, T, H); rows of padded queries are finite but meaningless.
     """
+    if not (dropout > 0 and training) and kernel_supports(query):
+        return _kernel_attention(
+            query, key, value, codes, codebook, key_mask, position_bias, chunk_size, bidirectional, initial_memory,
+            memory,
+        )  # fmt: skip
     batch, length, z_dim = query.shape
     h_dim, s_dim = value.shape[-1], codebook.shape[0]
     num_blocks = -(-length // chunk_size)
-    pad = num_blocks * chunk_size - length
-    if pad:
-        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-        codes, key_mask = F.pad(codes, (0, pad)), F.pad(key_mask, (0, pad), value=False)
+    query, key, value, codes, key_mask = _pad_to_blocks(chunk_size, query, key, value, codes, key_mask)
     softmax_dtype = torch.promote_types(query.dtype, torch.float32)  # counts and softmax statistics in >= float32
     never = torch.finfo(softmax_dtype).min  # additive mask: exp underflows to exactly 0, all-masked rows stay finite
 
@@ -436,29 +514,7 @@ def _blockwise_attention(
         out = window_output(*weights.split(chunk_size, dim=-1))
         return out.reshape(batch, num_blocks * chunk_size, h_dim)[:, :length]
 
-    # Memory: every key outside the window, grouped by code. Per-block code counts and value sums are scattered
-    # straight into their place in a (B, n + 2, S, ...) grid of block totals (no one-hot); a cumulative sum over
-    # blocks then gives, for causal block n, the totals of blocks <= n - 2.
-    real = key_mask.reshape(batch, num_blocks, chunk_size)
-    grid_rows = torch.arange(num_blocks, device=query.device)[:, None] + 2
-    grid_index = (grid_rows * s_dim + codes.view(batch, num_blocks, chunk_size)).view(batch, -1)
-    counts = torch.zeros(batch, (num_blocks + 2) * s_dim, device=query.device, dtype=softmax_dtype)
-    counts = counts.scatter_add_(1, grid_index, real.view(batch, -1).to(softmax_dtype))
-    masked_values = value * key_mask.unsqueeze(-1).to(value.dtype)
-    sums = torch.zeros(batch, (num_blocks + 2) * s_dim, h_dim, device=query.device, dtype=softmax_dtype)
-    sums = sums.scatter_add_(1, grid_index.unsqueeze(-1).expand(-1, -1, h_dim), masked_values.to(softmax_dtype))
-    counts, sums = counts.view(batch, num_blocks + 2, s_dim), sums.view(batch, num_blocks + 2, s_dim, h_dim)
-    if bidirectional:  # the whole sequence minus the window blocks n - 1, n, n + 1 (grid rows n + 1 .. n + 3)
-        padded_counts, padded_sums = F.pad(counts, (0, 0, 0, 1)), F.pad(sums, (0, 0, 0, 0, 0, 1))
-        memory_counts = counts.sum(1, keepdim=True) - sum(padded_counts[:, 1 + i : 1 + i + num_blocks] for i in range(3))
-        memory_sums = sums.sum(1, keepdim=True) - sum(padded_sums[:, 1 + i : 1 + i + num_blocks] for i in range(3))
-        memory_counts = memory_counts.round()  # exact integers despite the float subtraction
-    else:
-        memory_counts = _prefix_sums(counts)[:, :num_blocks]
-        memory_sums = _prefix_sums(sums)[:, :num_blocks]
-        if initial_memory is not None:
-            memory_counts = memory_counts + initial_memory[0].unsqueeze(1).to(memory_counts.dtype)
-            memory_sums = memory_sums + initial_memory[1].unsqueeze(1).to(memory_sums.dtype)
+    memory_counts, memory_sums = _block_memory(codes, value, key_mask, s_dim, chunk_size, bidirectional, initial_memory)
     memory_counts = memory_counts.reshape(batch * num_blocks, 1, s_dim)
     memory_sums = memory_sums.reshape(batch * num_blocks, s_dim, h_dim).to(v.dtype)
     # Memory logit q.C_s / sqrt(Z) + log N_s (never where N_s = 0); its value M_s = sums_s / N_s enters as w_s / N_s.

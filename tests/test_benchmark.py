@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from longvq.benchmark import (
     TrainResult,
@@ -106,3 +107,11 @@ def test_baselines_come_from_the_experiments_registry(monkeypatch):
     longvq, llama = benchmark_model("longvq", num_layers=1), benchmark_model("llama", num_layers=1)
     assert llama.config.num_hidden_layers == 1 and llama.config._attn_implementation == "sdpa"
     assert abs(count_parameters(llama) / count_parameters(longvq) - 1) < 0.01
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel benchmark runs on a CUDA device")
+def test_kernel_benchmark_needs_a_cuda_device(capsys):
+    from longvq.cli import benchmark
+
+    assert benchmark(["kernel"]) == 1
+    assert capsys.readouterr().err.strip() == "longvq-benchmark: error: the kernel benchmark needs a CUDA device"

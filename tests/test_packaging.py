@@ -51,7 +51,8 @@ def test_every_source_file_ships_in_the_wheel(setup_arguments):
 
 
 def test_every_requirement_stops_below_a_next_major(setup_arguments):
-    for text in [*setup_arguments["install_requires"], *setup_arguments["extras_require"]["test"]]:
+    extras = [text for requirements in setup_arguments["extras_require"].values() for text in requirements]
+    for text in [*setup_arguments["install_requires"], *extras]:
         specifiers = {spec.operator: Version(spec.version) for spec in Requirement(text).specifier if spec.operator != "!="}
         assert set(specifiers) == {">=", "<"}, f"{text}: needs a lower bound and an upper bound"
         low, high = specifiers[">="], specifiers["<"]

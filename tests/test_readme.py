@@ -25,7 +25,7 @@ from longvq import cli
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 INSTALL_DEMO = 'pip install torch==2.13.0 -e .'
-TEST_COMMAND = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q tests'
+TEST_COMMAND = 'pip install torch==2.13.0 -e ".[test,triton]" && python -m pytest -q tests'
 
 TASKS = "--set data.num_train=16 --set data.num_validation=8 --set data.num_test=8"
 SMALLER = {
