@@ -417,6 +417,16 @@ def _kernel_attention(
     return out.reshape(batch, num_blocks * chunk_size, -1)[:, :length]
 
 
+def _masked_logits(additive: torch.Tensor, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`additive + query @ keys^T` for (Bn, C, W) float32 additive terms (bias, masks, log counts), (Bn, C, Z) queries
+    and (Bn, W, Z) keys. Under autocast (or with half-precision queries) the product runs in half precision and the
+    sum in float32: the masks' huge negative values would become -inf in half precision, and a row masked everywhere
+    (a padded query) would softmax to NaN and poison every gradient."""
+    if query.dtype == additive.dtype and not torch.is_autocast_enabled(query.device.type):
+        return torch.baddbmm(additive, query, keys.transpose(1, 2))
+    return torch.bmm(query, keys.transpose(1, 2).to(query.dtype)).to(additive.dtype) + additive
+
+
 def _blockwise_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -507,7 +517,7 @@ def _blockwise_attention(
         return out
 
     if not memory:
-        window_logits = torch.baddbmm((bias + key_bias[:, None, :]).to(q.dtype), q, k_window.transpose(1, 2))
+        window_logits = _masked_logits(bias + key_bias[:, None, :], q, k_window)
         weights = torch.softmax(window_logits.to(softmax_dtype), dim=-1).to(v.dtype)
         if dropout > 0 and training:
             weights = F.dropout(weights, p=dropout)
@@ -524,7 +534,7 @@ def _blockwise_attention(
     keys = torch.cat([k_window, codebook.to(k_window.dtype).expand(k_window.shape[0], -1, -1)], dim=1)
     per_slot = F.pad(bias, (0, s_dim))  # (C, W + S)
     per_block = torch.cat([key_bias, log_counts.view(-1, s_dim)], dim=-1)  # (Bn, W + S)
-    logits = torch.baddbmm((per_slot + per_block[:, None, :]).to(q.dtype), q, keys.transpose(1, 2))
+    logits = _masked_logits(per_slot + per_block[:, None, :], q, keys)
     weights = torch.softmax(logits.to(softmax_dtype), dim=-1).to(v.dtype)
     if dropout > 0 and training:
         weights = F.dropout(weights, p=dropout)

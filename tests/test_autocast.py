@@ -131,3 +131,29 @@ def test_autocast_training_step_is_finite(dtype):
     for layer in model.model.layers:  # the EMA k-means update kept the float32 codebook finite
         quantizer = layer.attention.quantizer
         assert quantizer.codebook_sum.dtype == torch.float32 and torch.isfinite(quantizer.codebook()).all()
+
+
+@DTYPES
+def test_vq_attention_padded_queries_stay_finite_under_autocast(dtype):
+    """A padded query whose window holds padding only is masked everywhere; its masks must not turn into -inf in half
+    precision (softmax NaN), or the NaN reaches every gradient through the padded rows."""
+    _require_cpu_autocast(dtype)
+    torch.manual_seed(0)
+    chunk_size, codebook = 4, torch.randn(5, 8)
+    codes = torch.randint(0, 5, (2, 13))
+    query, value = torch.randn(2, 13, 8, requires_grad=True), torch.randn(2, 13, 6, requires_grad=True)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[0, :9] = False  # two whole blocks of padding in front of the first row
+    table = torch.randn(2 * (2 * chunk_size - 1) + 1)
+
+    def position_bias(offsets):
+        return table[offsets.clamp(-(2 * chunk_size - 1), 2 * chunk_size - 1) + 2 * chunk_size - 1]
+
+    for bidirectional in (False, True):
+        with torch.autocast("cpu", dtype=dtype):
+            out, _ = ops_longvq.vq_attention(
+                query, codebook[codes], value.to(dtype), codes, codebook, mask, position_bias, chunk_size, bidirectional
+            )
+        assert torch.isfinite(out).all()
+        gradients = torch.autograd.grad((out.float() * mask[..., None]).sum(), (query, value))
+        assert all(torch.isfinite(gradient).all() for gradient in gradients)
