@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_total_limit", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", default=None, help="checkpoint folder, or 'latest'")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--torch_compile", action="store_true",
+        help="compile the model (TrainingArguments.torch_compile: one graph for the fixed-length blocks, inductor)",
+    )  # fmt: skip
     parser.add_argument("--use_cpu", action="store_true", help="train on CPU even when a GPU is available")
     parser.add_argument("--no_save_model", action="store_true", help="do not write the final model")
     parser.add_argument("--results_file", default="results.json", help="written into --output_dir by process 0")
@@ -108,6 +112,7 @@ def main(argv=None):
         resume_from_checkpoint=resume,
         save_final_model=not args.no_save_model,
         bf16=args.bf16,
+        torch_compile=args.torch_compile,
         **({"use_cpu": True} if args.use_cpu else {}),
     )
     trainer, training_args = run.trainer, run.trainer.args
