@@ -1044,11 +1044,15 @@ class LongVQForCausalLM(LongVQPreTrainedModel, GenerationMixin):
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
-    def create_masks_for_generate(self, inputs_embeds, attention_mask=None, **kwargs):
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """The attention mask generate() passes with a compileable cache: LongVQ's state has no key/value history to
         mask, so it is the 2-D padding mask of the input's columns only, and a compiled decoding step sees inputs of
-        one fixed shape at every step."""
-        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1] :]
+        one fixed shape at every step. generate() describes the input's shape by a placeholder `inputs_embeds`
+        (`input_embeds` before transformers 5.x renamed it)."""
+        placeholder = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
+        # contiguous: a view of the growing mask changes strides at every step, a recompile on the older 5.x releases
+        # (5.0) whose generate() does not make the mask contiguous itself
+        return None if attention_mask is None else attention_mask[:, -placeholder.shape[1] :].contiguous()
 
     def forward(
         self,
