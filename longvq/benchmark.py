@@ -246,6 +246,34 @@ def measure_train_point(
     )  # fmt: skip
 
 
+def saved_floats_per_token_layer(
+    name: str, length: int, hidden_size: int = 256, num_layers: int = 4, compile: bool = False, seed: int = 0
+) -> float:
+    """Elements autograd keeps for backward per token and layer in one training forward of the benchmarked model
+    `name` (`benchmark_model`) over `length` random tokens: the distinct storages that saved-tensor hooks see,
+    parameters and buffers excluded. `compile`: through `torch.compile(fullgraph=True, dynamic=False)`, after a
+    warm-up step that compiles (what the compiled graph saves, after inductor's own recomputation choices)."""
+    model = benchmark_model(name, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
+    call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    if compile:
+        call(ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = call(ids, labels=ids, use_cache=False).loss  # kept alive: its graph holds every saved tensor
+    elements = sum(count for pointer, count in saved.items() if pointer not in owned)
+    del loss
+    return elements / (length * model.config.num_hidden_layers)
+
+
 def run_train_point(name: str, length: int, **kwargs) -> TrainResult:
     """`measure_train_point` in a fresh Python process, so that each point's peak memory is its own."""
     command = [sys.executable, "-m", "longvq.benchmark", "train-point", name, str(length), json.dumps(kwargs)]
@@ -504,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
         "decode": sub.add_parser("decode", help="per-token decode latency and state bytes versus context length"),
         "all": sub.add_parser("all", help="train and decode, one summary"),
     }
+    saved = sub.add_parser("saved", help="elements saved for backward per token and layer, LongVQ and Llama")
+    saved.add_argument("--length", type=int, default=1024)
+    saved.add_argument("--hidden-size", type=int, default=256)
+    saved.add_argument("--layers", type=int, default=4)
+    saved.add_argument("--compile", action="store_true", help="through torch.compile (fullgraph, static shapes)")
     kernel = sub.add_parser("kernel", help="CUDA: the Triton VQ-attention kernel against the PyTorch path")
     kernel.add_argument("--length", type=int, default=16384)
     kernel.add_argument("--repeats", type=int, default=10)
@@ -550,6 +583,12 @@ def main(argv=None):
             torch.set_num_threads(threads)
         print(json.dumps(asdict(measure_train_point(args.name, args.length, **options))))
         return
+    if args.mode == "saved":
+        sizes = {"hidden_size": args.hidden_size, "num_layers": args.layers, "compile": args.compile}
+        result = {name: saved_floats_per_token_layer(name, args.length, **sizes) for name in ("longvq", "llama")}
+        for name, floats in result.items():
+            print(f"{name}: {floats:,.0f} elements saved for backward per token and layer at {args.length} tokens")
+        return result
     if args.mode == "kernel":
         result = measure_attention_kernel(args.length, repeats=args.repeats)
         for path in ("kernel", "pytorch"):

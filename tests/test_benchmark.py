@@ -17,6 +17,7 @@ from longvq.benchmark import (
     main,
     measure_train_point,
     run_decode,
+    saved_floats_per_token_layer,
     train_table,
     train_targets,
 )
@@ -115,3 +116,15 @@ def test_kernel_benchmark_needs_a_cuda_device(capsys):
 
     assert benchmark(["kernel"]) == 1
     assert capsys.readouterr().err.strip() == "longvq-benchmark: error: the kernel benchmark needs a CUDA device"
+
+
+def test_saved_floats_count_what_backward_keeps_and_the_fused_gates_save_less(monkeypatch):
+    from longvq import modeling_longvq, ops_longvq
+
+    fused = saved_floats_per_token_layer("longvq", 64, hidden_size=32, num_layers=2)
+    monkeypatch.setattr(modeling_longvq, "silu_gated_linear", ops_longvq.naive_silu_gated_linear)
+    monkeypatch.setattr(modeling_longvq, "gated_residual", ops_longvq.naive_gated_residual)
+    plain = saved_floats_per_token_layer("longvq", 64, hidden_size=32, num_layers=2)
+    # out_proj's input o * SiLU(r) and SiLU(r) (H = 64 each), fc2's SiLU(h) (64), SiLU(p) and sigmoid(u) (D = 32 each)
+    assert plain - fused == pytest.approx(3 * 64 + 2 * 32, abs=8)
+    assert saved_floats_per_token_layer("llama", 64, hidden_size=32, num_layers=2) > 0
