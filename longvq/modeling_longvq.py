@@ -47,6 +47,11 @@ from .ops_longvq import (
     vq_attention_step,
 )
 
+# ops_longvq imports the fused kernels; importing their module here too makes it a relative import of the modeling
+# file itself, which is all that transformers 5.0 copies into its module cache when loading remote code from a local
+# folder (it does not follow ops_longvq's own imports there).
+from .triton_longvq import TRITON_AVAILABLE  # noqa: F401
+
 logger = logging.get_logger(__name__)
 
 
