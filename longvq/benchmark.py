@@ -200,6 +200,18 @@ def _peak_resident_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+def _training_setup(name: str, length: int, hidden_size: int, num_layers: int, compile: bool, seed: int):
+    """The benchmarked model `name` ("+ckpt": activation checkpointing on) in training mode, what to call it through
+    (`torch.compile(fullgraph=True, dynamic=False)` if `compile`) and one random batch of `length` token ids."""
+    base, _, checkpointing = name.partition("+")
+    model = benchmark_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    return model, call, ids
+
+
 def measure_train_point(
     name: str, length: int, hidden_size: int = 256, num_layers: int = 4, min_seconds: float = 3.0,
     max_steps: int = 5, seed: int = 0, compile: bool = False,
@@ -211,12 +223,8 @@ def measure_train_point(
     the compiler's own memory nor a slow warm-up step's counts). `compile`: the model runs
     through `torch.compile(fullgraph=True, dynamic=False)` (inductor); the warm-up step compiles it, and its time
     less the median step is reported as the compile time (inductor's on-disk caches may shorten it on a rerun)."""
-    base, _, checkpointing = name.partition("+")
-    model = benchmark_model(base, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
-    if checkpointing:
-        enable_activation_checkpointing(model)
-    call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
-    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    base = name.partition("+")[0]
+    model, call, ids = _training_setup(name, length, hidden_size, num_layers, compile, seed)
 
     def step():
         call(ids, labels=ids, use_cache=False).loss.backward()
@@ -246,20 +254,10 @@ def measure_train_point(
     )  # fmt: skip
 
 
-def saved_floats_per_token_layer(
-    name: str, length: int, hidden_size: int = 256, num_layers: int = 4, compile: bool = False, seed: int = 0
-) -> float:
-    """Elements autograd keeps for backward per token and layer in one training forward of the benchmarked model
-    `name` (`benchmark_model`) over `length` random tokens: the distinct storages that saved-tensor hooks see,
-    parameters and buffers excluded. `compile`: through `torch.compile(fullgraph=True, dynamic=False)`, after a
-    warm-up step that compiles (what the compiled graph saves, after inductor's own recomputation choices)."""
-    model = benchmark_model(name, hidden_size=hidden_size, num_layers=num_layers, seed=seed).train()
-    call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
-    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-    if compile:
-        call(ids, labels=ids, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+def saved_elements(function, exclude=()) -> int:
+    """Elements of the distinct storages autograd saves for backward while `function()` runs, those of the `exclude`
+    tensors (parameters, buffers) not counted."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
     saved = {}
 
     def pack(tensor):
@@ -268,9 +266,25 @@ def saved_floats_per_token_layer(
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = call(ids, labels=ids, use_cache=False).loss  # kept alive: its graph holds every saved tensor
-    elements = sum(count for pointer, count in saved.items() if pointer not in owned)
-    del loss
+        output = function()  # kept alive while counting: its graph holds every saved tensor
+    elements = sum(count for pointer, count in saved.items() if pointer not in excluded)
+    del output
+    return elements
+
+
+def saved_floats_per_token_layer(
+    name: str, length: int, hidden_size: int = 256, num_layers: int = 4, compile: bool = False, seed: int = 0
+) -> float:
+    """Elements autograd keeps for backward per token and layer in one training forward of the benchmarked model
+    `name` (`benchmark_model`) over `length` random tokens (`saved_elements`, parameters and buffers excluded).
+    `compile`: through `torch.compile(fullgraph=True, dynamic=False)`, after a warm-up step that compiles (what the
+    compiled graph saves, after inductor's own recomputation choices)."""
+    model, call, ids = _training_setup(name, length, hidden_size, num_layers, compile, seed)
+    if compile:
+        call(ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+    owned = (*model.parameters(), *model.buffers())
+    elements = saved_elements(lambda: call(ids, labels=ids, use_cache=False).loss, exclude=owned)
     return elements / (length * model.config.num_hidden_layers)
 
 

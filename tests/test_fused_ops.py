@@ -6,22 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longvq.benchmark import saved_elements
 from longvq.ops_longvq import gated_residual, naive_gated_residual, naive_silu_gated_linear, silu_gated_linear
 
 
 def _saved_numel(function, *inputs) -> int:
-    """Elements of the distinct storages autograd saves for backward while computing function(*inputs)."""
-    storages = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes() // tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        function(*inputs)
-    modules = [t for t in inputs if isinstance(t, torch.nn.Module)]
-    parameters = {p.untyped_storage().data_ptr() for module in modules for p in module.parameters()}
-    return sum(n for pointer, n in storages.items() if pointer not in parameters)
+    """Elements of the distinct storages autograd saves for backward while computing function(*inputs), parameters
+    of module inputs excluded."""
+    parameters = [p for t in inputs if isinstance(t, torch.nn.Module) for p in t.parameters()]
+    return saved_elements(lambda: function(*inputs), exclude=parameters)
 
 
 def _gradients(output, tensors):
