@@ -9,8 +9,11 @@ time, with the transformers `Trainer`. By job:
 - `data`: the task's splits and collator (`build_datasets`, `make_collator`, `TokenLabelShift` for MQAR);
 - `run`: `run_experiment`, one `Trainer` run that writes `results.json`, `curve.png` and the final model, and
   `evaluate_checkpoint`;
-- `compare`: `run_comparison` and its markdown table; `plots`: the learning-curve and comparison figures;
-- `cli`: the commands `longvq-train`, `longvq-eval` and `longvq-compare`.
+- `compare`: `run_comparison` and its markdown table;
+- `suite`: the quality suites (`SUITES`: `standard`, `tiny`) and `run_suite`: a learning-rate sweep, several seeds
+  and worker processes per suite entry and architecture, `summarize_suite` / `suite_table` with the targets;
+- `plots`: the learning-curve, comparison and suite figures;
+- `cli`: the commands `longvq-train`, `longvq-eval` and `longvq-compare` (`--suite` for a quality suite).
 
     from longvq.experiments import run_experiment
     results = run_experiment("listops", "longvq", "quick", "runs/listops-longvq", time_budget_s=60)
@@ -24,9 +27,10 @@ from .cli import compare_main, evaluate_main, train_main
 from .compare import COMPARISON_TASKS, PUBLISHED, comparison_table, format_metric, run_comparison
 from .data import TokenLabelShift, build_datasets, downsample_values, make_collator, majority_rate, task_info
 from .models import ARCHITECTURE_LABELS, ARCHITECTURES, build_model, load_model, longvq_config
-from .plots import plot_comparison, plot_curve
-from .presets import PRESET_NAMES, PRESETS, QUICK_TIME_BUDGET_S, TRAIN_DEFAULTS, get_preset
-from .run import BudgetClock, ExperimentTrainer, codebook_usage, evaluate_checkpoint, run_experiment
+from .plots import plot_comparison, plot_curve, plot_position_bpb, plot_suite_curves
+from .presets import PRESET_NAMES, PRESETS, QUICK_TIME_BUDGET_S, TRAIN_DEFAULTS, get_preset, quick_preset
+from .run import BudgetClock, ExperimentTrainer, bpb_by_position, codebook_usage, evaluate_checkpoint, run_experiment
+from .suite import SUITES, Suite, SuiteEntry, load_suite_results, run_suite, suite_table, summarize_suite
 
 __all__ = [
     "ARCHITECTURES",
@@ -37,12 +41,16 @@ __all__ = [
     "PRESET_NAMES",
     "PUBLISHED",
     "QUICK_TIME_BUDGET_S",
+    "SUITES",
     "TRAIN_DEFAULTS",
     "Baseline",
     "BudgetClock",
     "ExperimentTrainer",
     "Reference",
+    "Suite",
+    "SuiteEntry",
     "TokenLabelShift",
+    "bpb_by_position",
     "build_baseline",
     "build_datasets",
     "build_model",
@@ -58,14 +66,21 @@ __all__ = [
     "get_preset",
     "llama_config",
     "load_model",
+    "load_suite_results",
     "longvq_config",
     "majority_rate",
     "make_collator",
     "parse_overrides",
     "plot_comparison",
     "plot_curve",
+    "plot_position_bpb",
+    "plot_suite_curves",
+    "quick_preset",
     "run_comparison",
     "run_experiment",
+    "run_suite",
+    "suite_table",
+    "summarize_suite",
     "task_info",
     "train_main",
 ]

@@ -1,15 +1,18 @@
 """The experiment commands: `longvq-train` (one run of `run_experiment`), `longvq-eval` (`evaluate_checkpoint` of a
-saved run) and `longvq-compare` (`run_comparison`, or only its table rebuilt from a comparison.json).
+saved run) and `longvq-compare` (`run_comparison`, or with `--suite` the quality suite `run_suite`; with
+`--rebuild-table` only the table and plots rebuilt from the results already written).
 
     longvq-train --task listops --arch longvq --preset quick --output-dir runs/listops-longvq
     longvq-train --task mqar --arch llama --time-budget 120 --set learning_rate=1e-3 --output-dir runs/mq
     longvq-eval runs/listops-longvq --split validation
     OMP_NUM_THREADS=1 longvq-compare --output-dir runs/compare --time-budget 30
+    longvq-compare --suite standard --output-dir runs/suite --workers 2      # re-run the same command to resume
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -19,6 +22,7 @@ from .compare import COMPARISON_TASKS, comparison_table, format_metric, run_comp
 from .models import ARCHITECTURE_LABELS, ARCHITECTURES
 from .presets import PRESET_NAMES, QUICK_TIME_BUDGET_S
 from .run import evaluate_checkpoint, run_experiment
+from .suite import SUITES, load_suite_results, run_suite, select_entries, write_suite_report
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -82,14 +86,29 @@ def evaluate_main(argv=None) -> dict:
     return metrics
 
 
+def suite_command(args) -> str:
+    """`longvq-compare --suite NAME`: run the suite (resuming what `--output-dir` holds) or, with `--rebuild-table`,
+    rewrite its table and plots from the per-run results there; returns the table."""
+    suite = SUITES[args.suite]
+    if args.rebuild_table:
+        suite = dataclasses.replace(suite, entries=select_entries(suite, args.entries), archs=tuple(args.archs))
+        return write_suite_report(load_suite_results(args.output_dir, suite), suite, args.output_dir)
+    run_suite(suite, args.output_dir, workers=args.workers, budget_scale=args.budget_scale, entries=args.entries,
+              archs=args.archs, cache_dir=args.cache_dir, progress=args.progress)  # fmt: skip
+    with open(os.path.join(args.output_dir, "suite.md"), encoding="utf-8") as f:
+        return f.read()
+
+
 def compare_main(argv=None) -> str:
-    """`longvq-compare`: the quick-preset comparison; prints the table and writes it to --output-dir."""
+    """`longvq-compare`: the quick-preset comparison, or with `--suite` a quality suite; prints the table and writes
+    it to --output-dir."""
     parser = argparse.ArgumentParser(
         prog="longvq-compare",
-        description="LongVQ vs a same-size Llama vs the MEGA-chunk ablation on the quick presets at equal training "
-        "time; writes comparison.md / comparison.json.",
+        description="LongVQ vs a same-size Llama vs the MEGA-chunk ablation at equal parameters and training time: "
+        "the quick presets of every task (comparison.md / comparison.json), or with --suite a quality suite "
+        "(learning-rate sweep, several seeds, worker processes; suite.md / suite.json / plots, resumable).",
     )
-    parser.add_argument("--output-dir", default="runs/compare")
+    parser.add_argument("--output-dir", default=None, help="default: runs/compare, or runs/suite-<name> with --suite")
     parser.add_argument("--tasks", nargs="+", default=list(COMPARISON_TASKS))
     parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     parser.add_argument("--time-budget", type=float, default=QUICK_TIME_BUDGET_S, help="seconds per run")
@@ -97,8 +116,20 @@ def compare_main(argv=None) -> str:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars for every run")
     parser.add_argument("--rebuild-table", action="store_true",
-                        help="only rewrite comparison.md from the comparison.json in --output-dir")  # fmt: skip
+                        help="only rewrite the table from the results in --output-dir (comparison.json; with "
+                        "--suite the per-run results.json files, plots included)")  # fmt: skip
+    suite = parser.add_argument_group("quality suite (--suite; --tasks, --time-budget and --seed do not apply)")
+    suite.add_argument("--suite", default=None, choices=sorted(SUITES))
+    suite.add_argument("--workers", type=int, default=2, help="runs side by side, one process and thread each")
+    suite.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every time budget")
+    suite.add_argument("--entries", nargs="+", default=None, help="only these entries of the suite")
     args = parser.parse_args(argv)
+    if args.suite:
+        args.output_dir = args.output_dir or f"runs/suite-{args.suite}"
+        table = suite_command(args)
+        print(table)
+        return table
+    args.output_dir = args.output_dir or "runs/compare"
     if args.rebuild_table:
         with open(os.path.join(args.output_dir, "comparison.json"), encoding="utf-8") as f:
             results = json.load(f)
@@ -118,4 +149,4 @@ def compare_main(argv=None) -> str:
     return table
 
 
-__all__ = ["build_train_parser", "compare_main", "evaluate_main", "train_main"]
+__all__ = ["build_train_parser", "compare_main", "evaluate_main", "suite_command", "train_main"]

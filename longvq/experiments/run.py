@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from ..metrics import IGNORE_INDEX
 from ..training import (
     CodebookHealthCallback,
     CodeCounter,
@@ -45,6 +46,7 @@ from .presets import TRAIN_DEFAULTS, get_preset
 RESULTS_FILE = "results.json"
 EXPERIMENT_FILE = "experiment.json"  # next to the saved model: what longvq-eval needs to rebuild the test split
 CURVE_FILE = "curve.png"
+POSITION_BINS = 16  # bins of `bpb_by_position` over the window
 
 # The metric each task kind is judged by, and whether higher is better.
 PRIMARY_METRIC = {
@@ -180,6 +182,17 @@ def write_json(path: str, payload) -> None:
         json.dump(payload, f, indent=2, default=str)
 
 
+def bpb_by_position(nll: np.ndarray, labels: np.ndarray, num_bins: int = POSITION_BINS) -> dict[str, list]:
+    """Bits per byte by position in the window, from the (B, T) next-token NLLs in nats that
+    `preprocess_logits_for_metrics` gives (position t scores `labels[:, t + 1]`) and the labels: the positions
+    0..T-2 (the last one scores nothing) in `num_bins` near-equal bins; per bin the mean NLL / ln 2 over the scored
+    positions. Returns {"bin_edges": [start of each bin..., T - 1], "bpb": [one value per bin]}."""
+    nll, scored = np.asarray(nll)[:, :-1], np.asarray(labels)[:, 1:] != IGNORE_INDEX
+    bins = np.array_split(np.arange(nll.shape[1]), min(num_bins, nll.shape[1]))
+    bpb = [float(nll[:, b][scored[:, b]].sum() / max(scored[:, b].sum(), 1) / math.log(2)) for b in bins]
+    return {"bin_edges": [int(b[0]) for b in bins] + [nll.shape[1]], "bpb": bpb}
+
+
 def _training_arguments(
     output_dir: str, train: Mapping, seed: int, max_steps: int, progress: bool
 ) -> TrainingArguments:
@@ -224,10 +237,11 @@ def run_experiment(
     with no step limit runs until the budget). With neither set anywhere, ValueError.
 
     results: task, family, kind, arch, preset, seed, params, steps, train_time_s (summed optimizer-step time, what the
-    budget measures), wall_time_s (the whole call, data building and evaluation included), tokens_per_s (real tokens
-    trained per second of train_time_s), metric / higher_is_better (the task's primary metric), metrics
+    budget measures), wall_time_s (the whole call, data building and evaluation included), tokens_trained (real
+    tokens trained on), tokens_per_s (of train_time_s), metric / higher_is_better (the task's primary metric), metrics
     (validation and test, Trainer's metrics without prefix), codebook (usage on the test split; LongVQ only),
-    curve (logged training loss and evaluations by step), config (the model config), resolved preset, data arguments.
+    curve (logged training loss and evaluations by step), config (the model config), resolved preset, data arguments;
+    for language modelling also bpb_by_position (test bits per byte by position in the window, `bpb_by_position`).
     """
     started = time.perf_counter()
     check_arch(arch)
@@ -269,7 +283,9 @@ def run_experiment(
         trainer.remove_callback(PrinterCallback)
     trainer.train()
     validation = _strip_prefix(trainer.evaluate(), "eval")
-    test = _strip_prefix(trainer.evaluate(datasets["test"], metric_key_prefix="test"), "test")
+    # `predict` gives the metrics `evaluate` would and keeps the predictions (for LM: the per-position NLLs).
+    prediction = trainer.predict(datasets["test"], metric_key_prefix="test")
+    test = _strip_prefix(prediction.metrics, "test")
     codebook = codebook_usage(trainer.model, trainer.get_test_dataloader(datasets["test"]))
     metric, higher = PRIMARY_METRIC[info.kind]
     results = {
@@ -283,6 +299,7 @@ def run_experiment(
         "steps": trainer.state.global_step,
         "train_time_s": round(clock.elapsed, 2),
         "time_budget_s": budget,
+        "tokens_trained": trainer.tokens_trained,
         "tokens_per_s": round(trainer.tokens_trained / max(clock.elapsed, 1e-9), 1),
         "metric": metric,
         "higher_is_better": higher,
@@ -296,6 +313,8 @@ def run_experiment(
         "dataset_sizes": {split: len(ds) for split, ds in datasets.items()},
         "chance": majority_rate(datasets["test"]) if info.kind == "classification" else None,
     }
+    if info.kind == "lm":
+        results["bpb_by_position"] = bpb_by_position(prediction.predictions, prediction.label_ids)
     if save_model:
         trainer.save_model(output_dir)
         experiment = {k: results[k] for k in ("task", "arch", "preset", "seed", "data_args", "model_class")}
@@ -343,6 +362,7 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, arch: str | No
 
 
 __all__ = [
-    "CURVE_FILE", "EXPERIMENT_FILE", "METRIC_FUNCTIONS", "PRIMARY_METRIC", "RESULTS_FILE", "BudgetClock",
-    "ExperimentTrainer", "codebook_usage", "evaluate_checkpoint", "run_experiment", "write_json",
+    "CURVE_FILE", "EXPERIMENT_FILE", "METRIC_FUNCTIONS", "POSITION_BINS", "PRIMARY_METRIC", "RESULTS_FILE",
+    "BudgetClock", "ExperimentTrainer", "bpb_by_position", "codebook_usage", "evaluate_checkpoint", "run_experiment",
+    "write_json",
 ]  # fmt: skip
