@@ -308,10 +308,11 @@ class LongVQVectorQuantizer(nn.Module):
             return torch.addmm(codeword_norms, keys.flatten(0, -2), codebook.t(), alpha=-2)
 
     @torch.no_grad()
-    def restart_dead_codes(self, threshold: float, candidates: torch.Tensor):
+    def restart_dead_codes(self, threshold: float, candidates: torch.Tensor, enabled: torch.Tensor):
         """Re-seed every code whose EMA count is below `threshold` with the candidate key of the same index
-        (candidates: (S, Z) random keys of the current batch), as if it had just been assigned that one key."""
-        dead = self.codebook_count < threshold
+        (candidates: (S, Z) random keys of the current batch), as if it had just been assigned that one key; nothing
+        where the () bool tensor `enabled` is False (a tensor, not a Python bool: no host sync, no graph break)."""
+        dead = (self.codebook_count < threshold) & enabled
         self.codebook_sum.copy_(torch.where(dead[:, None], candidates.to(self.codebook_sum.dtype), self.codebook_sum))
         self.codebook_count.copy_(torch.where(dead, torch.ones_like(self.codebook_count), self.codebook_count))
 
@@ -426,11 +427,19 @@ class LongVQGatedAttention(nn.Module):
         # Key sums feed the codebook update only, so eval forwards skip them.
         counts, sums = code_statistics(codes, key, mask, self.config.codebook_size, with_sums=self.training)
         restart_keys = None
-        if self.training and self.config.codebook_restart_threshold > 0:  # zeros when the batch has no real token
-            real_keys = key.detach().float()[mask]
-            picks = torch.randint(max(real_keys.shape[0], 1), (self.config.codebook_size,), device=key.device)
-            restart_keys = real_keys[picks] if real_keys.shape[0] else key.new_zeros(self.config.codebook_size, key.shape[-1]).float()
+        if self.training and self.config.codebook_restart_threshold > 0:
+            restart_keys = _random_real_rows(key.detach().float(), mask, self.config.codebook_size)
         return out, LongVQLayerStatistics((squared_error * mask).sum(), counts, sums, restart_keys), final
+
+
+def _random_real_rows(x: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` rows of x (B, T, F) drawn uniformly, with replacement, from the positions where mask (B, T) is True:
+    the k-th real token is found by its rank (a cumulative sum of the mask), so every shape is static and a compiled
+    training step stays one graph. Rows are arbitrary when no token is real (the codebook update ignores them)."""
+    flat = x.flatten(0, 1)
+    ranks = mask.flatten().cumsum(0)  # ranks[i]: how many real tokens up to and including position i
+    wanted = (torch.rand(count, device=x.device) * ranks[-1]).long() + 1  # ranks 1..n (1 when n = 0)
+    return flat[torch.searchsorted(ranks, wanted).clamp(max=flat.shape[0] - 1)]
 
 
 class LongVQNormalizedFeedForward(nn.Module):
@@ -997,13 +1006,16 @@ class LongVQModel(LongVQPreTrainedModel):
             counts, sums = flat[..., 0], flat[..., 1:]
         for layer, layer_counts, layer_sums in zip(self.layers, counts, sums):
             layer.attention.quantizer.ema_update(layer_counts, layer_sums)
-        if restart_keys[0] is None or counts.sum() == 0:
-            return  # restarts are off, or no process saw a real token
+        if restart_keys[0] is None:
+            return  # restarts are off
         candidates = torch.stack(restart_keys)
         if distributed:
             dist.broadcast(candidates, src=0)
+        any_real = counts.sum() > 0  # no process saw a real token: no candidate is a key, restart nothing
         for layer, layer_candidates in zip(self.layers, candidates):
-            layer.attention.quantizer.restart_dead_codes(self.config.codebook_restart_threshold, layer_candidates)
+            layer.attention.quantizer.restart_dead_codes(
+                self.config.codebook_restart_threshold, layer_candidates, any_real
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

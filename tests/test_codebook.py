@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from longvq import LongVQForCausalLM
+from longvq.modeling_longvq import _random_real_rows
 from longvq.training import enable_activation_checkpointing
 from helpers import tiny_config
 
@@ -190,3 +191,26 @@ def test_dead_code_restart_recovers_a_collapsed_codebook(threshold):
         assert (usage >= 3 / 8).all(), usage
     else:
         assert (usage == 1 / 8).all(), usage
+
+
+def test_restart_candidates_are_real_keys_drawn_uniformly():
+    """`_random_real_rows` draws only real (unmasked) rows, each about equally often, with static shapes; with no
+    real token it still returns `count` rows (which the codebook update then ignores)."""
+    torch.manual_seed(8)
+    x = torch.arange(12.0).view(2, 6, 1)
+    mask = torch.tensor([[True, False, True, True, False, False], [False, True, False, False, False, True]])
+    picks = _random_real_rows(x, mask, 6000).flatten()
+    assert set(picks.tolist()) == {0.0, 2.0, 3.0, 7.0, 11.0}
+    frequencies = torch.bincount(picks.long(), minlength=12)[[0, 2, 3, 7, 11]] / 6000
+    torch.testing.assert_close(frequencies, torch.full((5,), 0.2), atol=0.03, rtol=0)
+    assert _random_real_rows(x, torch.zeros_like(mask), 4).shape == (4, 1)
+
+
+def test_no_restart_without_a_real_token():
+    """A training forward whose batch is all padding leaves dead codes alone (no candidate is a key)."""
+    model = LongVQForCausalLM(tiny_config(codebook_restart_threshold=2.0, pad_token_id=0)).train()
+    before = _codebooks(model)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    model(ids, attention_mask=torch.zeros_like(ids))
+    for a, b in zip(before, _codebooks(model)):  # the EMA decays sums and counts alike: same codewords
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -30,7 +30,6 @@ QUICK_MODEL = {
     "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "shared_representation_size": 32,
     "ema_projection_size": 16, "codebook_size": 32, "chunk_size": 32, "normalization_type": "layernorm",
     "normalize_before": True,
-    "codebook_restart_threshold": 0.5,  # re-seed dead codes (as longvq-demo does): a tiny codebook collapses otherwise
     # Causal even for classification (the full presets are bidirectional, as MEGA's): on a CPU budget the
     # bidirectional variant takes ~2x longer per step (two EMA directions, a 3-block window), and on quick ListOps it
     # stayed at chance after 150 steps where the causal one reached 32% (Llama: 33%); on quick Text both reach 99%.
