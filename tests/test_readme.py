@@ -34,7 +34,7 @@ SMALLER = {
     "longvq-verify": "",
     "longvq-train": f"--max-steps 2 {TASKS} --no-progress --cache-dir {{cache}}",
     "longvq-eval": "--cache-dir {cache}",
-    "longvq-compare": "--tasks mqar --archs longvq --time-budget 1 --cache-dir {cache}",
+    "longvq-compare": "--suite tiny --workers 1 --cache-dir {cache}",  # the README runs the standard suite
     "longvq-benchmark": "--contexts 8 16 --steps 1 --hidden-size 32 --layers 1 --chunk-size 8 --codebook-size 8",
     "lm_eval": "--limit 2",
 }
